@@ -1,0 +1,109 @@
+/*
+ * qnetem.h - C99 state kernels of qnetem (density matrices and a counter-based RNG).
+ *
+ * Theory of operation
+ * -------------------
+ * A register of n qubits is a density matrix rho of dimension d = 2^n stored row-major as
+ * d*d complex doubles (re, im interleaved: the memory layout of numpy complex128 and of
+ * C99 double _Complex). Qubit 0 is the MOST significant bit of a basis index, so qubit q
+ * lives on bit position n-1-q.
+ *
+ * A k-qubit operator acts on 2^k x 2^k blocks of rho: for every pair (row group, column
+ * group) of basis indices that agree outside the target bits, the block is replaced by
+ * U M U^dagger (or sum_i K_i M K_i^dagger). Blocks do not overlap, so every kernel works
+ * in place with O(4^n) work and no scratch memory; no 2^n x 2^n operator is ever built.
+ *
+ * The RNG is Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy
+ * as 1, 2, 3", SC'11, section 3.2): sample i of (key, stream) is a pure function of
+ * (key, stream, i), so any range can be generated independently (random access).
+ *
+ * Contract: every function returns QNETEM_OK (0) or a negative qnetem_status. Arguments
+ * are checked again here (defence in depth) but the Python typed layer
+ * (emulator/kernels/_c.py) validates dtype, shape and contiguity before calling.
+ * No function allocates memory, keeps state or touches Python.
+ *
+ * The block between the two CFFI markers below is fed verbatim to cffi's cdef() by
+ * cext/build_cext.py: keep it to plain declarations (no preprocessor lines).
+ */
+#ifndef QNETEM_H
+#define QNETEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* BEGIN CFFI DECLARATIONS */
+
+/* One complex128 element: same layout as numpy complex128. */
+typedef struct {
+    double re;
+    double im;
+} qnetem_c128;
+
+enum qnetem_status {
+    QNETEM_OK = 0,
+    QNETEM_ERR_NULL = -1,        /* a required pointer is NULL */
+    QNETEM_ERR_QUBITS = -2,      /* n_qubits outside [1, QNETEM_MAX_QUBITS] (or sum too big) */
+    QNETEM_ERR_QUBIT = -3,       /* a qubit index is out of range */
+    QNETEM_ERR_SAME_QUBIT = -4,  /* two qubit arguments are equal / duplicated */
+    QNETEM_ERR_BASIS = -5,       /* basis is not Z (0), X (1) or Y (2) */
+    QNETEM_ERR_ARG = -6,         /* another argument is out of its domain (r, n_kraus, count) */
+    QNETEM_ERR_ZERO_PROB = -7    /* measurement outcome has zero weight: cannot renormalise */
+};
+
+enum qnetem_limits {
+    QNETEM_MAX_QUBITS = 30
+};
+
+enum qnetem_basis {
+    QNETEM_BASIS_Z = 0,
+    QNETEM_BASIS_X = 1,
+    QNETEM_BASIS_Y = 2
+};
+
+/* Version string of the package this module was built from (QNETEM_VERSION macro). */
+const char *qnetem_version(void);
+
+/* rho <- U rho U^dagger, U (2x2, row-major) acting on `qubit`. */
+int qnetem_apply_1q(qnetem_c128 *rho, int n_qubits, int qubit, const qnetem_c128 *u);
+
+/* rho <- U rho U^dagger, U (4x4, row-major); qubit_a is the more significant index of U. */
+int qnetem_apply_2q(qnetem_c128 *rho, int n_qubits, int qubit_a, int qubit_b,
+                    const qnetem_c128 *u);
+
+/* rho <- sum_i K_i rho K_i^dagger, kraus = n_kraus consecutive 2x2 row-major matrices. */
+int qnetem_apply_kraus_1q(qnetem_c128 *rho, int n_qubits, int qubit,
+                          const qnetem_c128 *kraus, int n_kraus);
+
+/* *p0_out = probability of outcome 0 (eigenvalue +1) of `basis` on `qubit`, clamped to [0, 1]. */
+int qnetem_probability(const qnetem_c128 *rho, int n_qubits, int qubit, int basis,
+                       double *p0_out);
+
+/* Projective measurement with collapse: outcome = 0 if r < P(0) else 1; rho is replaced in
+ * place by the renormalised post-measurement state; *prob_out = probability of the outcome. */
+int qnetem_measure(qnetem_c128 *rho, int n_qubits, int qubit, int basis, double r,
+                   int *outcome_out, double *prob_out);
+
+/* out (2^(n-n_remove) squared) <- Tr_{remove} rho; kept qubits keep their order. */
+int qnetem_partial_trace(const qnetem_c128 *rho, int n_qubits, const int *remove,
+                         int n_remove, qnetem_c128 *out);
+
+/* out <- a (x) b (Kronecker product), a's qubits first. */
+int qnetem_tensor(const qnetem_c128 *a, int n_a, const qnetem_c128 *b, int n_b,
+                  qnetem_c128 *out);
+
+/* out[k] = <B_k| rho_ab |B_k> for B = Phi+, Phi-, Psi+, Psi- (qubit_a first). */
+int qnetem_bell_fidelities(const qnetem_c128 *rho, int n_qubits, int qubit_a, int qubit_b,
+                           double *out);
+
+/* One Philox4x32-10 block: out = philox(ctr, key). For known-answer tests. */
+void qnetem_philox4x32_10(const uint32_t *ctr, const uint32_t *key, uint32_t *out);
+
+/* Samples start .. start+count-1 of the (key, stream) sequence. */
+int qnetem_rng_u64(uint64_t key, uint64_t stream, uint64_t start, size_t count,
+                   uint64_t *out);
+int qnetem_rng_uniform(uint64_t key, uint64_t stream, uint64_t start, size_t count,
+                       double *out);
+
+/* END CFFI DECLARATIONS */
+
+#endif /* QNETEM_H */

@@ -1,0 +1,470 @@
+"""The message types of wire protocol version 1 (docs/protocol.md §4 is normative).
+
+Three kinds of session share one codec and framing:
+
+* node ⇄ broker — `hello`/`welcome`, quantum operations, pushed events;
+* admin ⇄ broker and orchestrator ⇄ node control endpoint — `admin_hello` and friends;
+* node ⇄ node classical links — `link_hello`, `app_msg`, and UDP `probe`/`probe_ack`.
+
+Requests carry an envelope `id`; the answer carries `re` = that id and is either the
+reply type named below or `error`. Events (pushed, unsolicited) carry `re` absent.
+Field names `v`, `t`, `id`, `re` are reserved for the envelope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ._codec import Address, F64Array, I64Array, Message, Struct, U8Array, register
+from ._errors import ErrorCode
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+# --------------------------------------------------------------------------- generic
+
+
+@register
+@_frozen
+class Ok(Message):
+    """Success reply to a request that returns nothing else."""
+
+    TYPE = "ok"
+
+
+@register
+@_frozen
+class Error(Message):
+    """Failure reply (or, with no `re`, a fatal notice before the sender closes)."""
+
+    TYPE = "error"
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str) -> Error:
+        return cls(code=code.value, message=message)
+
+
+@register
+@_frozen
+class Ping(Message):
+    """Liveness/latency request; answered by `pong` with the responder's clock."""
+
+    TYPE = "ping"
+
+
+@register
+@_frozen
+class Pong(Message):
+    TYPE = "pong"
+    now_s: float  # responder's emulated time
+
+
+@register
+@_frozen
+class Bye(Message):
+    """Graceful end of session; the receiver releases the sender's resources and closes."""
+
+    TYPE = "bye"
+
+
+# --------------------------------------------------------------------------- node ⇄ broker: session
+
+
+@_frozen
+class LinkInfo(Struct):
+    """One link of the registering node, as the broker tells it in `welcome`."""
+
+    peer: str
+    length_km: float
+    attenuation_db_per_km: float
+    jitter_s: float  # classical link shaper: uniform jitter added to the fibre delay
+    udp_loss: float  # classical link shaper: probability a UDP datagram is dropped
+    entanglement: bool  # heralded entanglement is configured on this link
+
+
+@register
+@_frozen
+class Hello(Message):
+    """First frame of a node session. `tcp`/`udp`/`control` are where the node listens."""
+
+    TYPE = "hello"
+    node: str
+    token: str = dataclasses.field(repr=False)
+    versions: list[int]
+    capabilities: list[str]
+    tcp: Address
+    udp: Address
+    control: Address | None = None
+
+
+@register
+@_frozen
+class Welcome(Message):
+    """Reply to `hello`: the broker's clock, the node's seed, links and memory (DESIGN §3, §4)."""
+
+    TYPE = "welcome"
+    version: int
+    node: str
+    now_s: float  # emulated time when sent; t_emulated = now_s + (monotonic() - t_recv)/time_scale
+    time_scale: float  # wall seconds per emulated second
+    seed: int  # this node's own seed (derived from the run seed and the node name)
+    memory_qubits: int
+    links: list[LinkInfo]
+
+
+@register
+@_frozen
+class PeerUp(Message):
+    """Event: a neighbour registered (also sent at registration for neighbours already up)."""
+
+    TYPE = "peer_up"
+    node: str
+    tcp: Address
+    udp: Address
+
+
+@register
+@_frozen
+class PeerDown(Message):
+    """Event: a neighbour's broker session ended."""
+
+    TYPE = "peer_down"
+    node: str
+
+
+# --------------------------------------------------------------------------- node ⇄ broker: quantum operations
+
+
+@register
+@_frozen
+class Alloc(Message):
+    """Allocate `count` qubits in |0> in this node's memory. Reply: `allocated`."""
+
+    TYPE = "alloc"
+    count: int
+
+
+@register
+@_frozen
+class Allocated(Message):
+    TYPE = "allocated"
+    qubits: I64Array
+
+
+@register
+@_frozen
+class Free(Message):
+    """Release qubits (traced out). Reply: `ok`."""
+
+    TYPE = "free"
+    qubits: I64Array
+
+
+@_frozen
+class GateOp(Struct):
+    """One gate from the closed gate set (docs/protocol.md §4.3); `params` in radians."""
+
+    name: str
+    qubits: list[int]
+    params: list[float] = ()  # type: ignore[assignment]
+
+
+@register
+@_frozen
+class Gate(Message):
+    """Apply one gate. Reply: `ok`."""
+
+    TYPE = "gate"
+    op: GateOp
+
+
+@register
+@_frozen
+class Circuit(Message):
+    """Apply gates in order, atomically: on an error no gate is applied. Reply: `ok`."""
+
+    TYPE = "circuit"
+    ops: list[GateOp]
+
+
+@register
+@_frozen
+class Unitary(Message):
+    """Apply an arbitrary 1- or 2-qubit unitary; `matrix` is packed complex128 row-major. Reply: `ok`."""
+
+    TYPE = "unitary"
+    qubits: list[int]
+    matrix: bytes
+
+
+@register
+@_frozen
+class Measure(Message):
+    """Measure qubits; `bases` has one Basis code per qubit (0=Z, 1=X, 2=Y) or a single code for all.
+
+    With `free` the qubits are released after measurement. Reply: `measured`.
+    """
+
+    TYPE = "measure"
+    qubits: I64Array
+    bases: U8Array
+    free: bool = False
+
+
+@register
+@_frozen
+class Measured(Message):
+    TYPE = "measured"
+    outcomes: U8Array
+    now_s: float
+
+
+@register
+@_frozen
+class SendQubit(Message):
+    """Send a qubit into the fibre towards `peer`. Reply: `ok`; later a `qubit_transfer` event to both ends."""
+
+    TYPE = "send_qubit"
+    qubit: int
+    peer: str
+
+
+@register
+@_frozen
+class QubitTransfer(Message):
+    """Event to sender and receiver: the qubit arrived (now owned by `receiver`) or was lost in the fibre."""
+
+    TYPE = "qubit_transfer"
+    qubit: int
+    sender: str
+    receiver: str
+    arrived: bool
+    now_s: float
+
+
+@register
+@_frozen
+class EprListen(Message):
+    """Consent (or withdraw consent) to entanglement requests from `peer`. Reply: `ok`."""
+
+    TYPE = "epr_listen"
+    peer: str
+    accept: bool
+
+
+@register
+@_frozen
+class EprRequest(Message):
+    """Ask for `pairs` heralded pairs with `peer`. Reply: `epr_accepted`, or `error` `refused`."""
+
+    TYPE = "epr_request"
+    peer: str
+    pairs: int
+
+
+@register
+@_frozen
+class EprAccepted(Message):
+    TYPE = "epr_accepted"
+    request: int  # broker-assigned request number, shared by both ends' events
+    now_s: float
+
+
+@register
+@_frozen
+class EprDelivered(Message):
+    """Event to both ends: heralded pairs, batched. Arrays are parallel, one entry per pair."""
+
+    TYPE = "epr_delivered"
+    request: int
+    initiator: str
+    peer: str  # the other end, from the receiver's point of view
+    pair_ids: I64Array
+    qubits: I64Array  # the receiver's half of each pair
+    bell: U8Array  # BellState code per pair: 0=Φ+, 1=Φ−, 2=Ψ+, 3=Ψ−
+    herald_s: F64Array  # emulated herald time per pair
+
+
+@register
+@_frozen
+class EprDone(Message):
+    """Event to both ends: a request finished (all pairs delivered, or cancelled/aborted)."""
+
+    TYPE = "epr_done"
+    request: int
+    delivered: int
+    reason: str  # "complete" | "cancelled" | "peer_gone"
+    now_s: float
+
+
+@register
+@_frozen
+class EprCancel(Message):
+    """Cancel an unfinished request. Reply: `ok`."""
+
+    TYPE = "epr_cancel"
+    request: int
+
+
+@register
+@_frozen
+class Clock(Message):
+    """Ask the broker's emulated time. Reply: `pong`."""
+
+    TYPE = "clock"
+
+
+# --------------------------------------------------------------------------- admin (broker and node control)
+
+
+@register
+@_frozen
+class AdminHello(Message):
+    """First frame of an orchestrator session, to the broker or to a node's control endpoint."""
+
+    TYPE = "admin_hello"
+    token: str = dataclasses.field(repr=False)
+    versions: list[int]
+    client: str
+
+
+@register
+@_frozen
+class AdminWelcome(Message):
+    TYPE = "admin_welcome"
+    version: int
+    server: str  # "broker" or the node's name
+    now_s: float
+    time_scale: float
+
+
+@_frozen
+class NodeStatus(Struct):
+    name: str
+    registered: bool
+    control: Address | None = None
+    tcp: Address | None = None
+    udp: Address | None = None
+
+
+@register
+@_frozen
+class Status(Message):
+    """Admin → broker: which nodes are registered and where they listen. Reply: `status_reply`."""
+
+    TYPE = "status"
+
+
+@register
+@_frozen
+class StatusReply(Message):
+    TYPE = "status_reply"
+    now_s: float
+    nodes: list[NodeStatus]
+
+
+@register
+@_frozen
+class GetStats(Message):
+    """Admin → broker or node: a statistics snapshot. Reply: `stats`."""
+
+    TYPE = "get_stats"
+
+
+@register
+@_frozen
+class Stats(Message):
+    TYPE = "stats"
+    now_s: float
+    stats: dict[str, Any]
+
+
+@register
+@_frozen
+class AppStart(Message):
+    """Orchestrator → node: start an application instance. Reply: `ok`."""
+
+    TYPE = "app_start"
+    kind: str
+    name: str
+    params: dict[str, Any]
+
+
+@register
+@_frozen
+class AppStatusRequest(Message):
+    """Orchestrator → node: state and results of an app instance. Reply: `app_status`."""
+
+    TYPE = "app_status_request"
+    name: str
+
+
+@register
+@_frozen
+class AppStatus(Message):
+    TYPE = "app_status"
+    name: str
+    state: str  # "running" | "done" | "failed"
+    results: dict[str, Any]
+
+
+@register
+@_frozen
+class Shutdown(Message):
+    """Admin → broker or node: stop cleanly. Reply: `ok`, then the server exits."""
+
+    TYPE = "shutdown"
+
+
+# --------------------------------------------------------------------------- node ⇄ node
+
+
+@register
+@_frozen
+class LinkHello(Message):
+    """First frame on a classical TCP link, from the dialling node. Reply: `link_welcome`."""
+
+    TYPE = "link_hello"
+    node: str
+    token: str = dataclasses.field(repr=False)
+    versions: list[int]
+
+
+@register
+@_frozen
+class LinkWelcome(Message):
+    TYPE = "link_welcome"
+    node: str
+    version: int
+
+
+@register
+@_frozen
+class AppMsg(Message):
+    """Application payload between two nodes; `app` names the app instance, `body` is its own schema."""
+
+    TYPE = "app_msg"
+    app: str
+    body: dict[str, Any]
+
+
+@register
+@_frozen
+class Probe(Message):
+    """UDP liveness probe (one datagram, no length prefix). Answered by `probe_ack` with the same seq."""
+
+    TYPE = "probe"
+    node: str
+    seq: int
+    sent_s: float
+
+
+@register
+@_frozen
+class ProbeAck(Message):
+    TYPE = "probe_ack"
+    node: str
+    seq: int
+    sent_s: float  # echoed from the probe
