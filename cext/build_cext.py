@@ -59,7 +59,7 @@ def read_cdef() -> str:
     return match.group("body")
 
 
-def _source_paths() -> list[str]:
+def _source_paths(*, absolute: bool = False) -> list[str]:
     """cext/qnetem_*.c, relative to the working directory when below it.
 
     distutils places object files at build_temp/<source path>; relative paths keep them
@@ -68,26 +68,50 @@ def _source_paths() -> list[str]:
     sources = sorted(glob.glob(os.path.join(_HERE, "qnetem_*.c")))
     if not sources:
         raise RuntimeError(f"no qnetem_*.c sources in {_HERE}")
+    if absolute:
+        return sources
     cwd = os.getcwd()
-    out = []
-    for path in sources:
-        if os.path.commonpath([cwd, path]) == cwd:
-            path = os.path.relpath(path, cwd)
-        out.append(path)
-    return out
+    return [os.path.relpath(p, cwd) if os.path.commonpath([cwd, p]) == cwd else p for p in sources]
 
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(read_cdef())
-ffibuilder.set_source(
-    "emulator._cext",
-    '#include "qnetem.h"\n',
-    sources=_source_paths(),
-    include_dirs=[_HERE],
-    extra_compile_args=["-O3", "-std=c99", f'-DQNETEM_VERSION="{read_version()}"'],
-)
+def make_builder(*, absolute_sources: bool = False) -> cffi.FFI:
+    builder = cffi.FFI()
+    builder.cdef(read_cdef())
+    builder.set_source(
+        "emulator._cext",
+        '#include "qnetem.h"\n',
+        sources=_source_paths(absolute=absolute_sources),
+        include_dirs=[_HERE],
+        extra_compile_args=["-O3", "-std=c99", f'-DQNETEM_VERSION="{read_version()}"'],
+    )
+    return builder
+
+
+#: What setup.py's ``cffi_modules=["cext/build_cext.py:ffibuilder"]`` builds.
+ffibuilder = make_builder()
+
+
+def build_in_place() -> str:
+    """Development rebuild without pip: compile under build/ and install the module as
+    emulator/_cext.abi3.so — the name the setuptools build gives it (cffi builds against
+    the stable ABI) — after deleting every other emulator/_cext*.so, because the
+    interpreter would prefer a leftover _cext.cpython-*.so over a fresh _cext.abi3.so.
+    """
+    import importlib.machinery
+    import shutil
+
+    tmpdir = os.path.join(_ROOT, "build", "cffi-inplace")
+    built = make_builder(absolute_sources=True).compile(tmpdir=tmpdir, verbose=True)
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    suffix = ".abi3.so" if ".abi3.so" in suffixes else suffixes[0]
+    pkg_dir = os.path.join(_ROOT, "emulator")
+    for old in glob.glob(os.path.join(pkg_dir, "_cext.*")):
+        if any(old.endswith(s) for s in suffixes):
+            os.remove(old)
+    target = os.path.join(pkg_dir, "_cext" + suffix)
+    shutil.copy2(built, target)
+    return target
 
 
 if __name__ == "__main__":
-    # In-place development build: writes emulator/_cext*.so next to the sources.
-    ffibuilder.compile(tmpdir=_ROOT, verbose=True)
+    print(build_in_place())

@@ -1,0 +1,144 @@
+"""Typed layer over the compiled module ``emulator._cext`` (the ``"c"`` backend).
+
+Theory of operation
+-------------------
+This is the only module that touches ``emulator._cext``. :class:`CBackend` inherits the
+argument checks of :class:`~emulator.kernels._types.CheckedBackend`, so by the time an
+``_impl_*`` method runs, every array is C-contiguous complex128 of the right shape and
+every index is in range. Each method wraps the numpy buffers with ``ffi.from_buffer``
+(no copy), calls one ``qnetem_*`` function and turns a negative status into
+:class:`KernelError`. cffi releases the GIL around each call.
+
+The module is loaded lazily, on the first ``CBackend()`` (``get_backend("c")``), never at
+import time: ``import emulator.kernels`` works without a compiled module, and the numpy
+backend stays usable. Loading checks the version stamped into the module against
+``emulator.__version__`` and refuses a stale build with :class:`KernelBuildError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._types import Basis, CheckedBackend, KernelBuildError, KernelError
+
+__all__ = ["CBackend", "load_cext"]
+
+_REBUILD_HINT = (
+    "rebuild it from the repository root with `pip install -e .` "
+    "(or `python cext/build_cext.py` for an in-place rebuild), "
+    "or select the numpy backend with QNETEM_BACKEND=numpy"
+)
+
+# enum qnetem_status in cext/qnetem.h
+_STATUS: dict[int, str] = {
+    -1: "a required pointer is NULL",
+    -2: "n_qubits out of range",
+    -3: "qubit index out of range",
+    -4: "qubit indices must differ",
+    -5: "unknown basis",
+    -6: "argument out of its domain",
+    -7: "measurement outcome has zero weight: cannot renormalise",
+}
+
+
+def load_cext() -> tuple[Any, Any]:
+    """(ffi, lib) of ``emulator._cext`` after the version check; raises KernelBuildError."""
+    try:
+        from emulator import _cext  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise KernelBuildError(
+            f"the compiled module emulator._cext cannot be imported ({exc}); {_REBUILD_HINT}"
+        ) from exc
+    import emulator
+
+    built = _cext.ffi.string(_cext.lib.qnetem_version()).decode("ascii", "replace")
+    if built != emulator.__version__:
+        raise KernelBuildError(
+            f"emulator._cext was built for qnetem {built} but the package is "
+            f"{emulator.__version__} (stale build); {_REBUILD_HINT}"
+        )
+    return _cext.ffi, _cext.lib
+
+
+def _check(rc: int, function: str) -> None:
+    if rc != 0:
+        raise KernelError(f"{function} failed: {_STATUS.get(rc, 'unknown status')} (status {rc})")
+
+
+class CBackend(CheckedBackend):
+    """Backend calling the C99 kernels of cext/ (see cext/qnetem.h for their contracts)."""
+
+    name = "c"
+
+    def __init__(self) -> None:
+        self._ffi, self._lib = load_cext()
+
+    def _c128(self, arr: np.ndarray, *, writable: bool = False) -> Any:
+        return self._ffi.from_buffer("qnetem_c128[]", arr, require_writable=writable)
+
+    def _impl_apply_1q(self, rho: np.ndarray, n: int, q: int, u: np.ndarray) -> None:
+        rc = self._lib.qnetem_apply_1q(self._c128(rho, writable=True), n, q, self._c128(u))
+        _check(rc, "qnetem_apply_1q")
+
+    def _impl_apply_2q(self, rho: np.ndarray, n: int, qa: int, qb: int, u: np.ndarray) -> None:
+        rc = self._lib.qnetem_apply_2q(self._c128(rho, writable=True), n, qa, qb, self._c128(u))
+        _check(rc, "qnetem_apply_2q")
+
+    def _impl_apply_kraus_1q(self, rho: np.ndarray, n: int, q: int, kraus: np.ndarray) -> None:
+        rc = self._lib.qnetem_apply_kraus_1q(
+            self._c128(rho, writable=True), n, q, self._c128(kraus), kraus.shape[0]
+        )
+        _check(rc, "qnetem_apply_kraus_1q")
+
+    def _impl_probability(self, rho: np.ndarray, n: int, q: int, basis: Basis) -> float:
+        p0 = self._ffi.new("double *")
+        _check(self._lib.qnetem_probability(self._c128(rho), n, q, int(basis), p0), "qnetem_probability")
+        return float(p0[0])
+
+    def _impl_measure(self, rho: np.ndarray, n: int, q: int, basis: Basis, r: float) -> tuple[int, float]:
+        outcome = self._ffi.new("int *")
+        prob = self._ffi.new("double *")
+        rc = self._lib.qnetem_measure(self._c128(rho, writable=True), n, q, int(basis), r, outcome, prob)
+        _check(rc, "qnetem_measure")
+        return int(outcome[0]), float(prob[0])
+
+    def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:
+        dk = 1 << (n - len(remove))
+        out = np.empty((dk, dk), dtype=np.complex128)
+        qubits = self._ffi.new("int[]", list(remove)) if remove else self._ffi.NULL
+        rc = self._lib.qnetem_partial_trace(
+            self._c128(rho), n, qubits, len(remove), self._c128(out, writable=True)
+        )
+        _check(rc, "qnetem_partial_trace")
+        return out
+
+    def _impl_tensor(self, a: np.ndarray, na: int, b: np.ndarray, nb: int) -> np.ndarray:
+        d = 1 << (na + nb)
+        out = np.empty((d, d), dtype=np.complex128)
+        rc = self._lib.qnetem_tensor(self._c128(a), na, self._c128(b), nb, self._c128(out, writable=True))
+        _check(rc, "qnetem_tensor")
+        return out
+
+    def _impl_bell_fidelities(self, rho: np.ndarray, n: int, qa: int, qb: int) -> np.ndarray:
+        out = np.empty(4, dtype=np.float64)
+        rc = self._lib.qnetem_bell_fidelities(
+            self._c128(rho), n, qa, qb, self._ffi.from_buffer("double[]", out, require_writable=True)
+        )
+        _check(rc, "qnetem_bell_fidelities")
+        return out
+
+    def _impl_rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.uint64)
+        if count:
+            buf = self._ffi.from_buffer("uint64_t[]", out, require_writable=True)
+            _check(self._lib.qnetem_rng_u64(key, stream, start, count, buf), "qnetem_rng_u64")
+        return out
+
+    def _impl_rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.float64)
+        if count:
+            buf = self._ffi.from_buffer("double[]", out, require_writable=True)
+            _check(self._lib.qnetem_rng_uniform(key, stream, start, count, buf), "qnetem_rng_uniform")
+        return out

@@ -1,0 +1,461 @@
+"""Vocabulary of the kernel interface: enums, errors, the Backend protocol, argument
+checks shared by both backends, and the operators (gates, Kraus sets, keys) they take.
+
+Theory of operation
+-------------------
+A backend (``"c"`` in ``_c.py``, ``"numpy"`` in ``_numpy.py``) is a subclass of
+:class:`CheckedBackend`. Its public methods validate every argument here — dtype,
+shape, contiguity, writeability, qubit ranges — and raise :class:`KernelError` naming
+the problem, then call the backend's ``_impl_*`` method with arguments that are known
+good. Both backends therefore reject bad input identically, and the C code is never
+reached with a buffer it could overrun.
+
+Conventions (both backends): a density matrix ``rho`` of ``n`` qubits is a
+C-contiguous complex128 array of shape ``(2**n, 2**n)``; qubit 0 is the MOST
+significant bit of the basis index, so ``np.kron(A, B)`` has A on qubit 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import operator
+import types
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "GATES",
+    "MAX_QUBITS",
+    "Backend",
+    "Basis",
+    "BellState",
+    "CheckedBackend",
+    "KernelBuildError",
+    "KernelError",
+    "derive_key",
+    "kraus_amplitude_damping",
+    "kraus_dephasing",
+    "kraus_depolarizing",
+    "rotation",
+]
+
+#: Largest register the kernels accept (matches QNETEM_MAX_QUBITS in cext/qnetem.h).
+#: A 30-qubit density matrix would need 2**64 bytes, so this is never the binding limit.
+MAX_QUBITS = 30
+
+_U64 = 1 << 64
+
+
+class Basis(enum.IntEnum):
+    """Measurement basis; outcome 0 is the +1 eigenstate (|0>, |+>, |+i>)."""
+
+    Z = 0
+    X = 1
+    Y = 2
+
+
+class BellState(enum.IntEnum):
+    """Index into :meth:`Backend.bell_fidelities`."""
+
+    PHI_PLUS = 0  # (|00> + |11>)/sqrt2
+    PHI_MINUS = 1  # (|00> - |11>)/sqrt2
+    PSI_PLUS = 2  # (|01> + |10>)/sqrt2
+    PSI_MINUS = 3  # (|01> - |10>)/sqrt2
+
+
+class KernelError(ValueError):
+    """Caller misuse of a kernel (bad dtype, shape, qubit, ...) or a kernel failure."""
+
+
+class KernelBuildError(ImportError):
+    """The compiled module ``emulator._cext`` is missing or stale."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every kernel backend provides (see the module docstring for conventions)."""
+
+    name: str
+
+    def apply_1q(self, rho: np.ndarray, n_qubits: int, qubit: int, u: np.ndarray) -> None: ...
+
+    def apply_2q(
+        self, rho: np.ndarray, n_qubits: int, qubit_a: int, qubit_b: int, u: np.ndarray
+    ) -> None: ...
+
+    def apply_kraus_1q(
+        self, rho: np.ndarray, n_qubits: int, qubit: int, kraus: np.ndarray
+    ) -> None: ...
+
+    def probability(self, rho: np.ndarray, n_qubits: int, qubit: int, basis: Basis) -> float: ...
+
+    def measure(
+        self, rho: np.ndarray, n_qubits: int, qubit: int, basis: Basis, r: float
+    ) -> tuple[int, float]: ...
+
+    def partial_trace(
+        self, rho: np.ndarray, n_qubits: int, remove: Sequence[int]
+    ) -> np.ndarray: ...
+
+    def tensor(self, rho_a: np.ndarray, rho_b: np.ndarray) -> np.ndarray: ...
+
+    def bell_fidelities(
+        self, rho: np.ndarray, n_qubits: int, qubit_a: int, qubit_b: int
+    ) -> np.ndarray: ...
+
+    def rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray: ...
+
+    def rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def _int(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise KernelError(f"{name} must be an integer, got a bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise KernelError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def check_n_qubits(n_qubits: object, *, minimum: int = 1) -> int:
+    n = _int("n_qubits", n_qubits)
+    if not minimum <= n <= MAX_QUBITS:
+        raise KernelError(f"n_qubits must be in [{minimum}, {MAX_QUBITS}], got {n}")
+    return n
+
+
+def check_qubit(name: str, qubit: object, n_qubits: int) -> int:
+    q = _int(name, qubit)
+    if not 0 <= q < n_qubits:
+        raise KernelError(f"{name}={q} out of range for a {n_qubits}-qubit register")
+    return q
+
+
+def check_rho(rho: object, n_qubits: int, *, name: str = "rho", writable: bool = False) -> np.ndarray:
+    if not isinstance(rho, np.ndarray):
+        raise KernelError(f"{name} must be a numpy.ndarray, got {type(rho).__name__}")
+    if rho.dtype != np.complex128:
+        raise KernelError(f"{name} must have dtype complex128, got {rho.dtype}")
+    d = 1 << n_qubits
+    if rho.shape != (d, d):
+        raise KernelError(f"{name} must have shape ({d}, {d}) for {n_qubits} qubits, got {rho.shape}")
+    if not rho.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    if writable and not rho.flags.writeable:
+        raise KernelError(f"{name} is modified in place and must be writeable")
+    return rho
+
+
+def infer_n_qubits(rho: object, *, name: str) -> int:
+    """n for a square (2**n, 2**n) array (n >= 1); full checks follow in check_rho."""
+    shape = getattr(rho, "shape", None)
+    if (
+        shape is None
+        or len(shape) != 2
+        or shape[0] != shape[1]
+        or shape[0] < 2
+        or shape[0] & (shape[0] - 1)
+    ):
+        raise KernelError(f"{name} must be a square (2**n, 2**n) array with n >= 1, got shape {shape}")
+    return check_n_qubits(int(shape[0]).bit_length() - 1)
+
+
+def check_operator(name: str, op: object, shape: tuple[int, ...]) -> np.ndarray:
+    """A small operator (gate or Kraus set): any real/complex numeric array of exactly
+    `shape` with finite entries; returned as a fresh-or-same C-contiguous complex128."""
+    if not isinstance(op, np.ndarray):
+        raise KernelError(f"{name} must be a numpy.ndarray, got {type(op).__name__}")
+    if op.dtype.kind not in "fciu" or op.dtype == np.bool_:
+        raise KernelError(f"{name} must be numeric (complex128 preferred), got dtype {op.dtype}")
+    if op.shape != shape:
+        raise KernelError(f"{name} must have shape {shape}, got {op.shape}")
+    out = np.ascontiguousarray(op, dtype=np.complex128)
+    if not np.isfinite(out).all():
+        raise KernelError(f"{name} has non-finite entries")
+    return out
+
+
+def check_kraus(kraus: object) -> np.ndarray:
+    shape = getattr(kraus, "shape", None)
+    if shape is None or len(shape) != 3 or shape[1:] != (2, 2) or shape[0] < 1:
+        raise KernelError(f"kraus must have shape (k, 2, 2) with k >= 1, got {shape}")
+    return check_operator("kraus", kraus, tuple(shape))
+
+
+def check_basis(basis: object) -> Basis:
+    try:
+        return Basis(_int("basis", basis))
+    except ValueError:
+        raise KernelError(f"basis must be one of {[b.name for b in Basis]}, got {basis!r}") from None
+
+
+def check_r(r: object) -> float:
+    try:
+        value = float(r)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise KernelError(f"r must be a float in [0, 1), got {type(r).__name__}") from None
+    if not 0.0 <= value < 1.0:
+        raise KernelError(f"r must be in [0, 1), got {value}")
+    return value
+
+
+def check_remove(remove: object, n_qubits: int) -> tuple[int, ...]:
+    if isinstance(remove, (str, bytes)) or not isinstance(remove, (Sequence, np.ndarray)):
+        raise KernelError(f"remove must be a sequence of qubit indices, got {type(remove).__name__}")
+    qubits = tuple(check_qubit("remove[]", q, n_qubits) for q in remove)
+    if len(set(qubits)) != len(qubits):
+        raise KernelError(f"remove lists a qubit twice: {list(qubits)}")
+    return qubits
+
+
+def check_rng_args(key: object, stream: object, start: object, count: object) -> tuple[int, int, int, int]:
+    k = _int("key", key)
+    s = _int("stream", stream)
+    i0 = _int("start", start)
+    c = _int("count", count)
+    for name, v in (("key", k), ("stream", s), ("start", i0)):
+        if not 0 <= v < _U64:
+            raise KernelError(f"{name} must be in [0, 2**64)")
+    if c < 0:
+        raise KernelError(f"count must be >= 0, got {c}")
+    if i0 + c > _U64:
+        raise KernelError("start + count must not exceed 2**64 (sample indices are 64-bit)")
+    return k, s, i0, c
+
+
+class CheckedBackend:
+    """Validates arguments, then calls ``_impl_*`` (implemented by each backend)."""
+
+    name: str = "abstract"
+
+    def __repr__(self) -> str:
+        return f"<qnetem kernel backend {self.name!r}>"
+
+    # --- public, validated -----------------------------------------------------------
+    def apply_1q(self, rho: np.ndarray, n_qubits: int, qubit: int, u: np.ndarray) -> None:
+        """rho <- U rho U^dagger with U (2, 2) acting on `qubit` (in place)."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n, writable=True)
+        q = check_qubit("qubit", qubit, n)
+        self._impl_apply_1q(rho, n, q, check_operator("u", u, (2, 2)))
+
+    def apply_2q(
+        self, rho: np.ndarray, n_qubits: int, qubit_a: int, qubit_b: int, u: np.ndarray
+    ) -> None:
+        """rho <- U rho U^dagger with U (4, 4); qubit_a is the more significant index of U."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n, writable=True)
+        qa = check_qubit("qubit_a", qubit_a, n)
+        qb = check_qubit("qubit_b", qubit_b, n)
+        if qa == qb:
+            raise KernelError(f"qubit_a and qubit_b must differ, both are {qa}")
+        self._impl_apply_2q(rho, n, qa, qb, check_operator("u", u, (4, 4)))
+
+    def apply_kraus_1q(self, rho: np.ndarray, n_qubits: int, qubit: int, kraus: np.ndarray) -> None:
+        """rho <- sum_i K_i rho K_i^dagger with kraus (k, 2, 2) (in place; not checked for CPTP)."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n, writable=True)
+        q = check_qubit("qubit", qubit, n)
+        self._impl_apply_kraus_1q(rho, n, q, check_kraus(kraus))
+
+    def probability(self, rho: np.ndarray, n_qubits: int, qubit: int, basis: Basis) -> float:
+        """P(outcome 0) of measuring `qubit` in `basis`, clamped to [0, 1]; no collapse."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n)
+        q = check_qubit("qubit", qubit, n)
+        return self._impl_probability(rho, n, q, check_basis(basis))
+
+    def measure(
+        self, rho: np.ndarray, n_qubits: int, qubit: int, basis: Basis, r: float
+    ) -> tuple[int, float]:
+        """Measure with collapse: outcome 0 iff r < P(0); rho becomes the renormalised
+        post-measurement state (in place). Returns (outcome, probability of outcome)."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n, writable=True)
+        q = check_qubit("qubit", qubit, n)
+        return self._impl_measure(rho, n, q, check_basis(basis), check_r(r))
+
+    def partial_trace(self, rho: np.ndarray, n_qubits: int, remove: Sequence[int]) -> np.ndarray:
+        """New array over the kept qubits (order preserved); removing all gives shape (1, 1)."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n)
+        return self._impl_partial_trace(rho, n, check_remove(remove, n))
+
+    def tensor(self, rho_a: np.ndarray, rho_b: np.ndarray) -> np.ndarray:
+        """kron(rho_a, rho_b): a's qubits first."""
+        na = infer_n_qubits(rho_a, name="rho_a")
+        nb = infer_n_qubits(rho_b, name="rho_b")
+        check_rho(rho_a, na, name="rho_a")
+        check_rho(rho_b, nb, name="rho_b")
+        if na + nb > MAX_QUBITS:
+            raise KernelError(f"tensor product would have {na + nb} > {MAX_QUBITS} qubits")
+        return self._impl_tensor(rho_a, na, rho_b, nb)
+
+    def bell_fidelities(self, rho: np.ndarray, n_qubits: int, qubit_a: int, qubit_b: int) -> np.ndarray:
+        """float64 (4,): <B|rho_ab|B> for B in BellState order, rho_ab the (a, b) reduced state."""
+        n = check_n_qubits(n_qubits)
+        check_rho(rho, n)
+        qa = check_qubit("qubit_a", qubit_a, n)
+        qb = check_qubit("qubit_b", qubit_b, n)
+        if qa == qb:
+            raise KernelError(f"qubit_a and qubit_b must differ, both are {qa}")
+        return self._impl_bell_fidelities(rho, n, qa, qb)
+
+    def rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        """float64 samples start .. start+count-1 of Philox stream (key, stream), in [0, 1)."""
+        return self._impl_rng_uniform(*check_rng_args(key, stream, start, count))
+
+    def rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        """uint64 samples start .. start+count-1 of Philox stream (key, stream)."""
+        return self._impl_rng_u64(*check_rng_args(key, stream, start, count))
+
+    # --- implemented by each backend (arguments already validated) --------------------
+    def _impl_apply_1q(self, rho: np.ndarray, n: int, q: int, u: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _impl_apply_2q(self, rho: np.ndarray, n: int, qa: int, qb: int, u: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _impl_apply_kraus_1q(self, rho: np.ndarray, n: int, q: int, kraus: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _impl_probability(self, rho: np.ndarray, n: int, q: int, basis: Basis) -> float:
+        raise NotImplementedError
+
+    def _impl_measure(self, rho: np.ndarray, n: int, q: int, basis: Basis, r: float) -> tuple[int, float]:
+        raise NotImplementedError
+
+    def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _impl_tensor(self, a: np.ndarray, na: int, b: np.ndarray, nb: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _impl_bell_fidelities(self, rho: np.ndarray, n: int, qa: int, qb: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _impl_rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _impl_rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+# -------------------------------------------------------------- operators both backends take
+
+
+def _frozen(a: npt.ArrayLike) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.complex128)
+    a.setflags(write=False)
+    return a
+
+
+_S2 = 1.0 / math.sqrt(2.0)
+
+#: Standard gates (Nielsen & Chuang section 4.2 and figure 4.2). Two-qubit gates use the
+#: apply_2q convention: qubit_a is the more significant index (CNOT's control).
+GATES: Mapping[str, np.ndarray] = types.MappingProxyType(
+    {
+        "I": _frozen(np.eye(2)),
+        "X": _frozen([[0, 1], [1, 0]]),
+        "Y": _frozen([[0j, -1j], [1j, 0j]]),
+        "Z": _frozen([[1, 0], [0, -1]]),
+        "H": _frozen(np.array([[1, 1], [1, -1]]) * _S2),
+        "S": _frozen([[1 + 0j, 0j], [0j, 1j]]),
+        "SDG": _frozen([[1 + 0j, 0j], [0j, -1j]]),
+        "T": _frozen([[1 + 0j, 0j], [0j, complex(_S2, _S2)]]),
+        "CNOT": _frozen([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]),
+        "CZ": _frozen(np.diag([1, 1, 1, -1])),
+        "SWAP": _frozen([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]]),
+    }
+)
+
+_PAULI = {"x": GATES["X"], "y": GATES["Y"], "z": GATES["Z"]}
+
+
+def rotation(axis: str, theta_rad: float) -> np.ndarray:
+    """R_axis(theta) = exp(-i theta P / 2) = cos(theta/2) I - i sin(theta/2) P
+    (Nielsen & Chuang eqs. (4.4)-(4.6)); axis is "x", "y" or "z" (any case)."""
+    pauli = _PAULI.get(str(axis).lower())
+    if pauli is None:
+        raise KernelError(f"axis must be 'x', 'y' or 'z', got {axis!r}")
+    theta = float(theta_rad)
+    if not math.isfinite(theta):
+        raise KernelError("theta_rad must be finite")
+    return math.cos(theta / 2) * np.eye(2, dtype=np.complex128) - 1j * math.sin(theta / 2) * pauli
+
+
+def _check_prob(name: str, p: float) -> float:
+    value = float(p)
+    if not 0.0 <= value <= 1.0:
+        raise KernelError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def kraus_depolarizing(p: float) -> np.ndarray:
+    """Kraus set (4, 2, 2) of the depolarising channel rho -> (1 - p) rho + p I/2.
+
+    With I/2 = (rho + X rho X + Y rho Y + Z rho Z)/4 for any unit-trace rho, the channel is
+    (1 - 3p/4) rho + (p/4)(X rho X + Y rho Y + Z rho Z) (Nielsen & Chuang section 8.3.4).
+    Note the convention: p is the probability of replacing the
+    state by I/2, not the probability of "an error" (which is 3p/4). p in [0, 1].
+    """
+    p = _check_prob("p", p)
+    return np.stack(
+        [
+            math.sqrt(1.0 - 0.75 * p) * GATES["I"],
+            math.sqrt(p / 4.0) * GATES["X"],
+            math.sqrt(p / 4.0) * GATES["Y"],
+            math.sqrt(p / 4.0) * GATES["Z"],
+        ]
+    )
+
+
+def kraus_dephasing(p: float) -> np.ndarray:
+    """Kraus set (2, 2, 2) of the phase-flip channel: Z applied with probability p
+    (Nielsen & Chuang section 8.3.3). Off-diagonals shrink by (1 - 2p)."""
+    p = _check_prob("p", p)
+    return np.stack([math.sqrt(1.0 - p) * GATES["I"], math.sqrt(p) * GATES["Z"]])
+
+
+def kraus_amplitude_damping(gamma: float) -> np.ndarray:
+    """Kraus set (2, 2, 2) of amplitude damping with decay probability gamma
+    (Nielsen & Chuang section 8.3.5): E0 = [[1, 0], [0, sqrt(1-g)]],
+    E1 = [[0, sqrt(g)], [0, 0]]. For a memory, gamma = 1 - exp(-t / T1)."""
+    g = _check_prob("gamma", gamma)
+    return np.array(
+        [[[1, 0], [0, math.sqrt(1.0 - g)]], [[0, math.sqrt(g)], [0, 0]]], dtype=np.complex128
+    )
+
+
+_KEY_PERSON = b"qnetem-key-v1"
+
+
+def derive_key(*labels: str | int) -> int:
+    """64-bit RNG key from labels, e.g. ``derive_key(seed, "link:alice-bob")``.
+
+    BLAKE2b (RFC 7693) with an 8-byte digest and personalisation "qnetem-key-v1" over an
+    unambiguous encoding: each label is a type tag (b"s" str / b"i" int), an 8-byte length
+    and its bytes (UTF-8, or the decimal text of the int), so ("ab", "c") and ("a", "bc")
+    or 1 and "1" give different keys. Deterministic across runs, platforms and versions.
+    """
+    if not labels:
+        raise KernelError("derive_key needs at least one label")
+    h = hashlib.blake2b(digest_size=8, person=_KEY_PERSON)
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise KernelError(f"derive_key labels must be str or int, got {type(label).__name__}")
+        if isinstance(label, str):
+            tag, data = b"s", label.encode("utf-8")
+        else:
+            tag, data = b"i", str(int(label)).encode("ascii")
+        h.update(tag + len(data).to_bytes(8, "little") + data)
+    return int.from_bytes(h.digest(), "little")
