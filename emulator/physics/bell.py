@@ -110,7 +110,9 @@ def bell_diagonal_state(weights: Sequence[float]) -> np.ndarray:
     """sum_i w_i |B_i><B_i| with weights in BellState order (non-negative, sum 1)."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (4,) or np.any(w < 0.0) or not math.isclose(float(w.sum()), 1.0, abs_tol=1e-12):
-        raise PhysicsParameterError(f"Bell-diagonal weights must be 4 probabilities, got {weights!r}")
+        raise PhysicsParameterError(
+            f"Bell-diagonal weights must be 4 probabilities, got {weights!r}"
+        )
     rho = np.zeros((4, 4), dtype=np.complex128)
     for wi, v in zip(w, _BELL_VECTORS):
         if wi:

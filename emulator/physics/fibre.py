@@ -24,7 +24,9 @@ def _check_length(length_km: float) -> None:
         raise PhysicsParameterError(f"length_km must be finite and >= 0, got {length_km!r}")
 
 
-def loss_db(length_km: float, attenuation_db_per_km: float = DEFAULT_ATTENUATION_DB_PER_KM) -> float:
+def loss_db(
+    length_km: float, attenuation_db_per_km: float = DEFAULT_ATTENUATION_DB_PER_KM
+) -> float:
     """Total loss in dB of a span: alpha * L."""
     _check_length(length_km)
     if not (attenuation_db_per_km >= 0.0 and math.isfinite(attenuation_db_per_km)):

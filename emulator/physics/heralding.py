@@ -5,15 +5,16 @@ photon and send the photon L/2 km to a beam-splitter station at the midpoint. De
 clicks at the station herald the memories in a Bell state; the station's answer travels
 L/2 km back. An attempt therefore takes T = L/2 (photon) + L/2 (herald) of flight time,
 T = L * FIBRE_DELAY_S_PER_KM, and attempts repeat until one succeeds, so the number of
-attempts per pair is geometric with the per-attempt success probability p (>= 1).
+attempts per pair is geometric (at least one) with the per-attempt success probability p.
 
 Each photon reaches a station detector with probability
 eta = transmittance(L/2) * detector_efficiency.
 
 Double click (Barrett & Kok, PRA 71, 060310(R) (2005)): each memory emits one photon,
 both must be detected (once in each of two rounds, with a pi pulse between them), so
-p = eta^2 / 2 (the 1/2: only the two Psi outcomes of the Bell measurement are
-heralded). The two detector patterns herald Psi+ or Psi- with equal probability. With
+p = eta^2 / 2 (the 1/2: a success projects the two memories, each prepared in
+(|0> + |1>)/sqrt2, onto the one-excitation subspace {|01>, |10>} of weight 1/2).
+The two detector patterns herald Psi+ or Psi- with equal probability. With
 imperfect two-photon interference (visibility V) we model the pair as the Werner state
 V|Psi><Psi| + (1-V) I/4, fidelity (1+3V)/4.
 
@@ -90,7 +91,7 @@ class HeraldingModel:
 
     @property
     def pair_rate_hz(self) -> float:
-        """Mean heralded pairs per second: p / T (0 for a zero-length link has T = 0)."""
+        """Mean heralded pairs per second, p / T (inf for a zero-length link, where T = 0)."""
         if self.attempt_period_s == 0.0:
             return math.inf
         return self.p_success / self.attempt_period_s
@@ -113,7 +114,9 @@ def _check_unit(name: str, value: float, *, open_low: bool = False) -> None:
         raise PhysicsParameterError(f"{name} must be in {bracket}, got {value!r}")
 
 
-def _arm_efficiency(length_km: float, detector_efficiency: float, attenuation_db_per_km: float) -> float:
+def _arm_efficiency(
+    length_km: float, detector_efficiency: float, attenuation_db_per_km: float
+) -> float:
     _check_unit("detector_efficiency", detector_efficiency)
     # Each arm is half the link: the station sits at the midpoint.
     return transmittance(length_km / 2.0, attenuation_db_per_km) * detector_efficiency
@@ -133,8 +136,8 @@ def double_click_model(
     return HeraldingModel(
         scheme=HeraldingScheme.DOUBLE_CLICK,
         length_km=length_km,
-        # Barrett & Kok 2005: both photons detected (eta^2), and only the two Psi
-        # outcomes of the Bell measurement herald (1/2).
+        # Barrett & Kok 2005: both photons detected (eta^2), projection onto the
+        # one-excitation (Psi) subspace of weight 1/2.
         p_success=eta * eta / 2.0,
         # Photon to the midpoint (L/2) + herald back (L/2).
         attempt_period_s=length_km * FIBRE_DELAY_S_PER_KM,

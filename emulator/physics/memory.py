@@ -8,9 +8,10 @@ rho = [[a, b], [b*, 1-a]] this is
     1-a -> (1-a) e^{-t/T1}           (population of |1> decays with T1)
     b   -> b e^{-t/T2}               (coherence decays with T2)
 
-Amplitude damping with gamma = 1 - e^{-t/T1} (N&C §8.3.5, Kraus ops E0, E1) does the first and
-also multiplies b by sqrt(1-gamma) = e^{-t/(2 T1)}. The rest of the coherence decay is
-pure dephasing (Z applied with probability p multiplies b by 1-2p, N&C §8.3.6), with
+Amplitude damping with gamma = 1 - e^{-t/T1} (N&C §8.3.5, Kraus operators E0, E1)
+does the first and also multiplies b by sqrt(1-gamma) = e^{-t/(2 T1)}. The rest of the
+coherence decay is pure dephasing: Z applied with probability p multiplies b by 1-2p
+(the phase-flip channel of N&C §8.3.3, which §8.3.6 shows is phase damping), with
 
     1 - 2p = e^{-t/T2} / e^{-t/(2 T1)} = e^{-t/T_phi},   1/T_phi = 1/T2 - 1/(2 T1),
 
