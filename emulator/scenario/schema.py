@@ -1,0 +1,1124 @@
+"""Scenario schema: the pydantic models a scenario file is validated against.
+
+Theory of operation
+-------------------
+A scenario is *data*: it describes a network (nodes, links, apps, expectations)
+and is never executed (CONVENTIONS item 7, "describe, then run").  The models here
+are the single source of truth for what a scenario may contain; the field
+reference in ``docs/scenarios.md`` is generated from them by
+:func:`render_reference` and a test keeps the two in sync.
+
+Validation happens in three steps, all driven by :func:`check_data`:
+
+1. **Preparation** (:func:`_prepare`, also run as the ``Scenario`` *before*
+   validator): fill in what the file leaves to the scenario itself — the
+   ``defaults`` section is merged field by field into every node memory and every
+   link, an app without a ``name`` gets ``<kind>-<index>``, and a node written
+   with no settings (``alice:``) becomes ``{}``.  Defaults are merged only when
+   the ``defaults`` section is valid on its own, so one bad default is reported
+   once, where it is written, and not again at every node.
+2. **Model validation** by pydantic with ``extra="forbid"`` everywhere: unknown
+   keys are errors, units are normalised to SI floats (see ``units.py``), and
+   per-object rules that need a sibling field (T2 <= 2·T1,
+   ``bright_state_alpha`` only with ``single-click``, ``min <= max``) are field
+   validators so the error points at the offending field.
+3. **Cross-field checks** (:func:`_topology_issues`): link endpoints are declared
+   and distinct, no pair is linked twice, app nodes exist and are linked as the
+   app kind needs, expectation targets exist.  They run on each list item that
+   validates *on its own*, so a scenario with a type error in one link and an
+   unknown node in another reports both.
+
+Every problem comes out as a :class:`FieldIssue` (location tuple, message, and
+whether the *key* rather than the value is at fault); the loader turns locations
+into file/line/column.  Pydantic's locations are normalised on the way: the tag
+of a discriminated union (``apps[0].epr-test.pairs``) is dropped, ``[key]``
+markers become ``on_key=True``.
+
+Python attributes carry their unit (``duration_s``, ``t2_s``, ``jitter_s``); the
+file uses the short key (``duration``, ``t2``, ``jitter``) through a pydantic
+alias.  ``model_dump(by_alias=True)`` therefore gives back a valid scenario.
+
+Extending: a new app kind is a subclass of :class:`AppBase` with a ``Literal``
+``kind``, added to ``_APP_CLASSES``; a new metric is a :func:`register_metric`
+call (the metric check consults the registry at validation time); a new
+top-level section is a field on :class:`Scenario`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WrapSerializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError, PydanticUndefined
+
+from emulator.scenario.units import (
+    DURATION_UNITS_S,
+    FREQUENCY_UNITS_HZ,
+    Count,
+    Duration,
+    Efficiency,
+    Frequency,
+    Lifetime,
+    NonNegativeFloat,
+    Number,
+    PositiveDuration,
+    PositiveFloat,
+    Probability,
+    TypeDoc,
+    UnitError,
+    parse_lifetime_s,
+    parse_positive_duration_s,
+)
+
+__all__ = [
+    "APP_KINDS",
+    "BEGIN_MARKER",
+    "END_MARKER",
+    "METRICS",
+    "NAME_PATTERN",
+    "App",
+    "AppBase",
+    "ClassicalLink",
+    "Defaults",
+    "Entanglement",
+    "EntanglementScheme",
+    "EprTest",
+    "Expectation",
+    "FieldIssue",
+    "Link",
+    "LinkDefaults",
+    "Loc",
+    "Memory",
+    "MetricScope",
+    "MetricSpec",
+    "Node",
+    "Role",
+    "Scenario",
+    "Topology",
+    "check_data",
+    "format_path",
+    "register_metric",
+    "render_reference",
+    "replace_generated_section",
+]
+
+#: A location inside a scenario: mapping keys and list indices, outermost first.
+Loc = tuple[Union[str, int], ...]
+
+# ---------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------
+
+#: Names of nodes, apps and the scenario become process and container names
+#: (``qnetem-<scenario>-<node>``), hence DNS-label-like: lower case, digits, '-'.
+NAME_PATTERN: Final = "[a-z0-9][a-z0-9-]*"
+NAME_MAX_LEN: Final = 63  # one DNS label (RFC 1035 §2.3.4)
+_NAME_RE: Final = re.compile(rf"{NAME_PATTERN}\Z")
+
+
+def _error(code: str, message: str) -> PydanticCustomError:
+    # The text goes in the context, not the template: user input may hold braces.
+    return PydanticCustomError(code, "{message}", {"message": message})
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= NAME_MAX_LEN and _NAME_RE.match(value) is not None
+
+
+def _check_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _error("name", f"expected a name (text), got {type(value).__name__}")
+    if not _is_name(value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise _error(
+            "name",
+            f"invalid name {shown!r}: names match {NAME_PATTERN} and have at most {NAME_MAX_LEN} "
+            "characters (they become process and container names)",
+        )
+    return value
+
+
+Name = Annotated[str, BeforeValidator(_check_name), TypeDoc("name", f"`{NAME_PATTERN}`, at most 63 characters")]
+
+# ---------------------------------------------------------------------------
+# Metrics registry
+# ---------------------------------------------------------------------------
+
+
+class MetricScope(enum.StrEnum):
+    """What an expectation on a metric must name as its target."""
+
+    APP = "app"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A metric that expectations may test: its scope, unit and meaning."""
+
+    name: str
+    scope: MetricScope
+    unit: str
+    description: str
+    #: App kinds that produce this metric (for scope ``app``); empty = any kind.
+    app_kinds: frozenset[str] = frozenset()
+
+
+#: Metric name -> spec.  Expectations are checked against this registry at
+#: validation time, so :func:`register_metric` extends it without touching the
+#: models.
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(spec: MetricSpec) -> None:
+    """Add a metric expectations may name; a name can be registered only once."""
+    if not _is_name(spec.name.replace("_", "-")):
+        raise ValueError(f"bad metric name {spec.name!r}")
+    if spec.name in METRICS:
+        raise ValueError(f"metric {spec.name!r} is already registered")
+    METRICS[spec.name] = spec
+
+
+for _spec in (
+    MetricSpec("pairs_measured", MetricScope.APP, "pairs",
+               "Entangled pairs delivered and measured by both nodes.", frozenset({"epr-test"})),
+    MetricSpec("fidelity", MetricScope.APP, "",
+               "Estimated fidelity of the delivered pairs to the target Bell state.", frozenset({"epr-test"})),
+    MetricSpec("chsh", MetricScope.APP, "",
+               "CHSH value S estimated from the measured pairs (2 classical bound, 2√2 quantum).",
+               frozenset({"epr-test"})),
+    MetricSpec("pair_rate_hz", MetricScope.APP, "Hz",
+               "Delivered pairs per emulated second.", frozenset({"epr-test"})),
+):
+    register_metric(_spec)
+
+
+def _check_metric(value: Any) -> str:
+    if not isinstance(value, str) or value not in METRICS:
+        shown = repr(value) if isinstance(value, str) and len(value) <= 40 else type(value).__name__
+        raise _error("metric", f"unknown metric {shown} (known: {', '.join(sorted(METRICS))})")
+    return value
+
+
+MetricName = Annotated[str, BeforeValidator(_check_metric), TypeDoc("metric name", "see [Metrics](#metrics)")]
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class Role(enum.StrEnum):
+    """What a node does in the network."""
+
+    ENDPOINT = "endpoint"
+    REPEATER = "repeater"
+    TRUSTED_RELAY = "trusted-relay"
+
+
+class Memory(_Model):
+    """Quantum memory of a node.
+
+    Decoherence is applied lazily by the broker from T1 (amplitude damping) and
+    T2 (dephasing); physically T2 <= 2·T1 (Nielsen & Chuang 2010, §8.3.5-8.3.6),
+    and a memory that breaks it is rejected.
+    """
+
+    qubits: Count = Field(64, ge=1, le=4096, description="Number of memory qubits, 1 to 4096.")
+    t1_s: Lifetime = Field(math.inf, alias="t1", description="Energy relaxation time T1.")
+    t2_s: Lifetime = Field(
+        math.inf, alias="t2",
+        description="Dephasing time T2; must not exceed 2·T1. When omitted: 2·T1 (T1-limited memory).",
+        json_schema_extra={"doc_default": "2·t1"},
+    )
+    gate_fidelity: Probability = Field(
+        1.0, description="Fidelity of each gate; the broker applies 1 - gate_fidelity as depolarising noise."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _t2_from_t1(cls, data: Any) -> Any:
+        # T2 omitted: the T1-limited memory, T2 = 2·T1 (inf when T1 is inf).
+        if isinstance(data, dict) and "t1" in data and "t2" not in data:
+            try:
+                t1_s = parse_lifetime_s(data["t1"])
+            except UnitError:
+                return data  # the t1 field reports it
+            return {**data, "t2": 2.0 * t1_s}
+        return data
+
+    @field_validator("t2_s")
+    @classmethod
+    def _t2_at_most_twice_t1(cls, t2_s: float, info: ValidationInfo) -> float:
+        t1_s = info.data.get("t1_s")
+        if t1_s is not None and t2_s > 2.0 * t1_s:
+            raise _error("t2_above_2t1", f"T2 ({_fmt_s(t2_s)}) must be <= 2·T1 ({_fmt_s(2.0 * t1_s)}; T1 = {_fmt_s(t1_s)})")
+        return t2_s
+
+
+class Node(_Model):
+    """One node of the network; its name is its key under `nodes`."""
+
+    role: Role = Field(Role.ENDPOINT, description="What the node does.")
+    external: StrictBool = Field(
+        False, description="Started by someone else (plugfest): the orchestrator waits for it to register."
+    )
+    memory: Memory = Field(default_factory=Memory, description="Quantum memory; fields missing here come from `defaults.memory`.")
+
+
+class ClassicalLink(_Model):
+    """Shaper of the classical channel along a link.
+
+    The fibre propagation delay (4.9 µs/km × `length_km`) is implied by the link
+    length and always applied; these settings come on top.
+    """
+
+    jitter_s: Duration = Field(0.0, alias="jitter", description="Random extra delay per message, up to this value.")
+    udp_loss: Probability = Field(0.0, description="Probability that a UDP datagram is dropped (TCP is reliable).")
+
+
+class EntanglementScheme(enum.StrEnum):
+    """Heralded entanglement generation scheme."""
+
+    DOUBLE_CLICK = "double-click"
+    SINGLE_CLICK = "single-click"
+
+
+class Entanglement(_Model):
+    """Heralded entanglement generation on a link (a midpoint station heralds successes)."""
+
+    scheme: EntanglementScheme = Field(
+        EntanglementScheme.DOUBLE_CLICK,
+        description="`double-click` (two photons, Barrett-Kok) or `single-click` (one photon, bright-state).",
+    )
+    detector_efficiency: Efficiency = Field(1.0, description="Efficiency of the heralding detectors, in (0, 1].")
+    visibility: Probability = Field(1.0, description="Two-photon interference visibility, in [0, 1].")
+    bright_state_alpha: Number | None = Field(
+        None, validate_default=True,
+        description="Bright-state population α, 0 < α < 0.5; required for `single-click`, not allowed for `double-click`.",
+    )
+
+    @field_validator("bright_state_alpha")
+    @classmethod
+    def _alpha_matches_scheme(cls, alpha: float | None, info: ValidationInfo) -> float | None:
+        scheme = info.data.get("scheme")
+        if scheme is EntanglementScheme.DOUBLE_CLICK and alpha is not None:
+            raise _error(
+                "alpha_with_double_click",
+                "bright_state_alpha applies only to scheme single-click; remove it or set scheme: single-click",
+            )
+        if scheme is EntanglementScheme.SINGLE_CLICK:
+            if alpha is None:
+                raise _error("alpha_missing", "scheme single-click needs bright_state_alpha (0 < alpha < 0.5, e.g. 0.1)")
+            if not 0.0 < alpha < 0.5:
+                raise _error("alpha_range", f"bright_state_alpha must be > 0 and < 0.5, got {alpha:g}")
+        return alpha
+
+
+class Link(_Model):
+    """A fibre between two nodes, with its classical channel and optional heralded entanglement."""
+
+    endpoints: tuple[Name, Name] = Field(description="The two nodes joined by the link (order does not matter).")
+    length_km: PositiveFloat = Field(description="Fibre length in km, > 0.")
+    attenuation_db_per_km: NonNegativeFloat = Field(0.2, description="Fibre attenuation in dB/km.")
+    classical: ClassicalLink = Field(default_factory=ClassicalLink, description="Classical channel shaper.")
+    entanglement: Entanglement | None = Field(
+        None, description="Present: the link generates heralded entanglement with these settings."
+    )
+
+    @property
+    def pair(self) -> frozenset[str]:
+        """The endpoints as an unordered pair."""
+        return frozenset(self.endpoints)
+
+
+class LinkDefaults(_Model):
+    """Defaults merged into every link that does not set the field itself."""
+
+    attenuation_db_per_km: NonNegativeFloat = Field(0.2, description="Fibre attenuation in dB/km.")
+    classical: ClassicalLink = Field(
+        default_factory=ClassicalLink, description="Classical channel shaper (merged field by field)."
+    )
+
+
+class Defaults(_Model):
+    """Defaults for nodes and links; a node or link overrides them field by field.
+
+    To share an `entanglement` section between links, use a YAML anchor
+    (`entanglement: &ent {...}` then `entanglement: *ent`).
+    """
+
+    memory: Memory = Field(default_factory=Memory, description="Default node memory.")
+    link: LinkDefaults = Field(default_factory=LinkDefaults, description="Default link parameters.")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Who is linked to whom: what app kinds check their node lists against."""
+
+    nodes: frozenset[str]
+    links: frozenset[frozenset[str]]
+    #: Links that carry an `entanglement` section.
+    entangling: frozenset[frozenset[str]]
+
+    def linked(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) in self.links
+
+    def has_links(self, node: str) -> bool:
+        return any(node in pair for pair in self.links)
+
+
+class AppBase(_Model):
+    """Common fields of every app; subclasses add a `Literal` `kind` and their own fields."""
+
+    kind: str = Field(description="App kind (selects the app).")
+    name: Name = Field(
+        description="Name expectations use to refer to the app.",
+        json_schema_extra={"doc_default": "`<kind>-<index>`"},
+    )
+    nodes: tuple[Name, ...] = Field(description="Nodes the app runs on.")
+    start_s: Duration = Field(
+        0.0, alias="start", description="When to start, in emulated time after all nodes registered."
+    )
+
+    def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
+        """Problems with this app's node list in `topo`, as (location inside the app, message)."""
+        for j, node in enumerate(self.nodes):
+            if node not in topo.nodes:
+                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
+            elif not topo.has_links(node):
+                yield ("nodes", j), f"node {node!r} has no link"
+
+
+class EprTest(AppBase):
+    """Generate entangled pairs on a direct link, measure them, estimate fidelity and CHSH.
+
+    The first node initiates; the link between the two nodes needs an
+    `entanglement` section.
+    """
+
+    kind: Literal["epr-test"] = Field(description="`epr-test`.")
+    nodes: tuple[Name, Name] = Field(description="The two nodes; the first one initiates.")
+    pairs: Count = Field(ge=1, le=10**9, description="Number of pairs to generate and measure, >= 1.")
+    wait_s: Duration = Field(
+        0.0, alias="wait", description="Time each pair waits in memory before it is measured (emulated)."
+    )
+
+    def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
+        a, b = self.nodes
+        unknown = False
+        for j, node in enumerate(self.nodes):
+            if node not in topo.nodes:
+                unknown = True
+                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
+        if unknown:
+            return
+        if a == b:
+            yield ("nodes", 1), f"epr-test needs two different nodes, got {a!r} twice"
+        elif not topo.linked(a, b):
+            yield ("nodes",), f"epr-test needs a direct link between {a!r} and {b!r}; add one under `links`"
+        elif frozenset((a, b)) not in topo.entangling:
+            yield ("nodes",), (f"epr-test needs entanglement on the link between {a!r} and {b!r}; "
+                               "give that link an `entanglement` section")
+
+
+#: App kind -> schema class.  Order fixes the order in the reference.
+_APP_CLASSES: Final[tuple[type[AppBase], ...]] = (EprTest,)
+APP_KINDS: Final[Mapping[str, type[AppBase]]] = types.MappingProxyType(
+    {typing.get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _APP_CLASSES}
+)
+
+#: Any app, selected by its `kind`.
+App = Annotated[Union[_APP_CLASSES], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+class Expectation(_Model):
+    """A bound on a metric the run must satisfy; give `min`, `max` or both."""
+
+    metric: MetricName = Field(description="Metric to test, see [Metrics](#metrics).")
+    app: Name | None = Field(None, description="Name of the app the metric belongs to (metrics of scope `app`).")
+    min: Number | None = Field(None, description="Lowest acceptable value (inclusive).")
+    max: Number | None = Field(None, description="Highest acceptable value (inclusive).")
+
+    @field_validator("max")
+    @classmethod
+    def _max_not_below_min(cls, maximum: float | None, info: ValidationInfo) -> float | None:
+        minimum = info.data.get("min")
+        if maximum is not None and minimum is not None and maximum < minimum:
+            raise _error("max_below_min", f"max ({maximum:g}) is below min ({minimum:g})")
+        return maximum
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Expectation:
+        if self.min is None and self.max is None:
+            raise _error("no_bound", "an expectation needs min, max or both")
+        return self
+
+    def holds(self, value: float) -> bool:
+        """Whether a measured value satisfies the bounds (NaN never does)."""
+        if math.isnan(value):
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+def _readonly_mapping(value: dict[str, Node]) -> Mapping[str, Node]:
+    return types.MappingProxyType(value)
+
+
+NodeMap = Annotated[
+    Mapping[Name, Node],
+    Field(min_length=2, max_length=1024),
+    AfterValidator(_readonly_mapping),
+    WrapSerializer(lambda value, handler: handler(dict(value))),
+]
+
+_SKIP_CROSS_CHECKS: Final = "qnetem.skip_cross_checks"
+
+
+class Scenario(_Model):
+    """A whole scenario: the network, what runs on it and what must come out.
+
+    The top level of a scenario file.
+    """
+
+    name: Name = Field(description="Scenario name; prefixes process and container names.")
+    description: str = Field("", max_length=10_000, description="Free text.")
+    seed: Count = Field(0, ge=0, le=2**63 - 1, description="Seed of every random generator of the run, 0 to 2^63-1.")
+    duration_s: PositiveDuration = Field(alias="duration", description="Emulated time after which the run stops.")
+    time_scale: PositiveFloat = Field(
+        1.0, description="Wall-clock seconds per emulated second (> 1 slows the emulation down)."
+    )
+    defaults: Defaults = Field(default_factory=Defaults, description="Defaults for node memories and links.")
+    nodes: NodeMap = Field(description="Nodes by name, at least 2 (a node with no settings: `alice: {}`).")
+    links: tuple[Link, ...] = Field((), max_length=4096, description="Links between nodes; at most one per pair.")
+    apps: tuple[App, ...] = Field((), max_length=1024, description="Apps to run, each selected by its `kind`.")
+    expect: tuple[Expectation, ...] = Field((), max_length=1024, description="Expectations checked at the end of the run.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare_data(cls, data: Any) -> Any:
+        return _prepare(data)
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Scenario:
+        # check_data runs these checks itself, with a location per problem;
+        # direct construction gets them here, in one message.
+        if info.context and info.context.get(_SKIP_CROSS_CHECKS):
+            return self
+        issues = _topology_issues(
+            frozenset(self.nodes),
+            [(i, link.endpoints, link.entanglement is not None) for i, link in enumerate(self.links)],
+            list(enumerate(self.apps)),
+            list(enumerate(self.expect)),
+            self.duration_s,
+            None,
+        )
+        if issues:
+            raise _error("scenario", "; ".join(f"{format_path(i.loc)}: {i.message}" for i in issues))
+        return self
+
+    def __hash__(self) -> int:
+        # The generated hash would choke on the read-only `nodes` mapping.
+        return hash(tuple(
+            tuple(value.items()) if isinstance(value, Mapping) else value for value in self.__dict__.values()
+        ))
+
+    @classmethod
+    def metric_names(cls) -> tuple[str, ...]:
+        """Names of the metrics expectations may test (the METRICS registry, sorted)."""
+        return tuple(sorted(METRICS))
+
+    def link(self, a: str, b: str) -> Link | None:
+        """The link between nodes `a` and `b` (either order), or None."""
+        pair = frozenset((a, b))
+        return next((link for link in self.links if link.pair == pair), None)
+
+    def app(self, name: str) -> AppBase:
+        """The app called `name`; KeyError if there is none."""
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
+    def topology(self) -> Topology:
+        """Nodes and links as sets, for graph questions."""
+        return Topology(
+            nodes=frozenset(self.nodes),
+            links=frozenset(link.pair for link in self.links),
+            entangling=frozenset(link.pair for link in self.links if link.entanglement is not None),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Preparation and cross-field checks
+# ---------------------------------------------------------------------------
+
+_DEFAULTS_ADAPTER: Final = TypeAdapter(Defaults)
+_ENDPOINTS_ADAPTER: Final = TypeAdapter(tuple[Name, Name])
+_APP_ADAPTER: Final = TypeAdapter(App)
+_EXPECTATION_ADAPTER: Final = TypeAdapter(Expectation)
+
+
+def _prepare(data: Any) -> Any:
+    """Merge `defaults`, name unnamed apps, turn empty nodes into `{}`; idempotent.
+
+    Works on raw (just-parsed) data of any shape: what does not look as
+    expected is left alone for validation to report.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    raw_defaults = data.get("defaults")
+    memory_defaults: dict[Any, Any] = {}
+    link_defaults: dict[Any, Any] = {}
+    if isinstance(raw_defaults, dict):
+        try:
+            _DEFAULTS_ADAPTER.validate_python(raw_defaults)
+        except ValidationError:
+            pass  # reported at `defaults`; merge nothing
+        else:
+            # Merge the values as written (not the normalised dump), so rules
+            # such as "t2 omitted = 2·t1" see what the author actually set.
+            memory_defaults = raw_defaults.get("memory") or {}
+            link_defaults = raw_defaults.get("link") or {}
+
+    nodes = data.get("nodes")
+    if isinstance(nodes, dict):
+        merged_nodes: dict[Any, Any] = {}
+        for key, node in nodes.items():
+            if node is None:
+                node = {}
+            if isinstance(node, dict) and memory_defaults:
+                memory = node.get("memory", None) if "memory" in node else {}
+                if isinstance(memory, dict):
+                    node = {**node, "memory": {**memory_defaults, **memory}}
+            merged_nodes[key] = node
+        out["nodes"] = merged_nodes
+
+    links = data.get("links")
+    if isinstance(links, list) and link_defaults:
+        merged_links: list[Any] = []
+        for link in links:
+            if isinstance(link, dict):
+                link = dict(link)
+                for key, value in link_defaults.items():
+                    if key not in link:
+                        link[key] = value
+                    elif key == "classical" and isinstance(link[key], dict) and isinstance(value, dict):
+                        link[key] = {**value, **link[key]}
+            merged_links.append(link)
+        out["links"] = merged_links
+
+    apps = data.get("apps")
+    if isinstance(apps, list):
+        named: list[Any] = []
+        for index, app in enumerate(apps):
+            if isinstance(app, dict) and "name" not in app:
+                kind = app.get("kind")
+                if isinstance(kind, str) and kind in APP_KINDS:
+                    app = {**app, "name": f"{kind}-{index}"}
+            named.append(app)
+        out["apps"] = named
+    return out
+
+
+def _listing(names: frozenset[str] | set[str]) -> str:
+    shown = sorted(names)
+    if len(shown) > 8:
+        return ", ".join(shown[:8]) + f", ... ({len(shown)} in all)"
+    return ", ".join(shown) if shown else "none"
+
+
+def _fmt_s(seconds: float) -> str:
+    return "inf" if math.isinf(seconds) else f"{seconds:g} s"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldIssue:
+    """One problem at a location of the scenario data."""
+
+    loc: Loc
+    message: str
+    #: The mapping key itself is at fault (unknown field, bad name), not its value.
+    on_key: bool = False
+
+
+def _topology_issues(
+    node_names: frozenset[str] | None,
+    links: Sequence[tuple[int, tuple[str, str], bool]],
+    apps: Sequence[tuple[int, AppBase]],
+    expectations: Sequence[tuple[int, Expectation]],
+    duration_s: float | None,
+    more_app_names: frozenset[str] | None,
+) -> list[FieldIssue]:
+    """The cross-field checks, on items that are valid on their own.
+
+    `node_names` None means the `nodes` section itself is broken: node
+    existence is then not checked (every reference would be flagged).
+    `more_app_names` are names of apps that failed validation, so expectations
+    naming them are not also reported as dangling.
+    """
+    issues: list[FieldIssue] = []
+    first_index: dict[frozenset[str], int] = {}
+    entangling: set[frozenset[str]] = set()
+    for i, (a, b), has_entanglement in links:
+        ok = True
+        if node_names is not None:
+            for j, node in enumerate((a, b)):
+                if node not in node_names:
+                    issues.append(FieldIssue(("links", i, "endpoints", j),
+                                             f"unknown node {node!r} (declared nodes: {_listing(node_names)})"))
+                    ok = False
+        if a == b:
+            issues.append(FieldIssue(("links", i, "endpoints", 1),
+                                     f"a link joins two different nodes; both endpoints are {a!r}"))
+            ok = False
+        if not ok:
+            continue
+        pair = frozenset((a, b))
+        if pair in first_index:
+            issues.append(FieldIssue(("links", i, "endpoints"),
+                                     f"duplicate link between {a!r} and {b!r} (first declared as links[{first_index[pair]}])"))
+            continue
+        first_index[pair] = i
+        if has_entanglement:
+            entangling.add(pair)
+
+    topo = None
+    if node_names is not None:
+        topo = Topology(nodes=node_names, links=frozenset(first_index), entangling=frozenset(entangling))
+
+    app_kinds: dict[str, str] = {}
+    declared_apps = {app.name for _, app in apps} | set(more_app_names or ())
+    for i, app in apps:
+        if app.name in app_kinds:
+            issues.append(FieldIssue(("apps", i, "name"), f"duplicate app name {app.name!r}"))
+        else:
+            app_kinds[app.name] = app.kind
+        if topo is not None:
+            issues.extend(FieldIssue(("apps", i, *sub), message) for sub, message in app.topology_issues(topo))
+        if duration_s is not None and app.start_s >= duration_s:
+            issues.append(FieldIssue(("apps", i, "start"),
+                                     f"starts at {_fmt_s(app.start_s)}, not before the end of the run ({_fmt_s(duration_s)})"))
+
+    for i, expectation in expectations:
+        spec = METRICS.get(expectation.metric)
+        if spec is None or spec.scope is not MetricScope.APP:
+            continue
+        if expectation.app is None:
+            issues.append(FieldIssue(("expect", i),
+                                     f"metric {spec.name!r} is measured per app: add `app: <name>` "
+                                     f"(apps: {_listing(declared_apps)})"))
+        elif expectation.app in app_kinds:
+            kind = app_kinds[expectation.app]
+            if spec.app_kinds and kind not in spec.app_kinds:
+                issues.append(FieldIssue(("expect", i, "metric"),
+                                         f"app {expectation.app!r} ({kind}) does not produce metric {spec.name!r}"))
+        elif more_app_names is None or expectation.app not in more_app_names:
+            issues.append(FieldIssue(("expect", i, "app"),
+                                     f"unknown app {expectation.app!r} (apps: {_listing(declared_apps)})"))
+    return issues
+
+
+def _valid_items(raw: Any, adapter: TypeAdapter[Any]) -> list[tuple[int, Any]]:
+    if not isinstance(raw, list):
+        return []
+    items = []
+    for i, item in enumerate(raw):
+        try:
+            items.append((i, adapter.validate_python(item)))
+        except ValidationError:
+            pass  # reported by the model validation
+    return items
+
+
+def _raw_cross_issues(data: Any) -> list[FieldIssue]:
+    """Cross-field checks on prepared raw data, item by item (see module doc)."""
+    if not isinstance(data, dict):
+        return []
+    nodes = data.get("nodes")
+    node_names = frozenset(k for k in nodes if _is_name(k)) if isinstance(nodes, dict) else None
+    links = []
+    raw_links = data.get("links")
+    if isinstance(raw_links, list):
+        for i, link in enumerate(raw_links):
+            if not isinstance(link, dict):
+                continue
+            try:
+                a, b = _ENDPOINTS_ADAPTER.validate_python(link.get("endpoints"))
+            except ValidationError:
+                continue
+            links.append((i, (a, b), link.get("entanglement") is not None))
+    apps = _valid_items(data.get("apps"), _APP_ADAPTER)
+    raw_apps = data.get("apps")
+    all_app_names = frozenset(
+        app["name"] for app in (raw_apps if isinstance(raw_apps, list) else ())
+        if isinstance(app, dict) and _is_name(app.get("name"))
+    )
+    expectations = _valid_items(data.get("expect"), _EXPECTATION_ADAPTER)
+    try:
+        duration_s: float | None = parse_positive_duration_s(data.get("duration"))
+    except UnitError:
+        duration_s = None
+    return _topology_issues(node_names, links, apps, expectations, duration_s, all_app_names)
+
+
+# ---------------------------------------------------------------------------
+# Pydantic errors -> FieldIssue
+# ---------------------------------------------------------------------------
+
+
+def _strip_annotated(tp: Any) -> tuple[Any, str | None]:
+    """Remove Annotated/Optional layers; return the type and a discriminator if any."""
+    discriminator = None
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            base, *meta = typing.get_args(tp)
+            for m in meta:
+                if isinstance(m, FieldInfo) and isinstance(m.discriminator, str):
+                    discriminator = m.discriminator
+            tp = base
+            continue
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+                continue
+        return tp, discriminator
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return tuple(typing.get_args(tp))
+    return (tp,)
+
+
+def _tag_of(model: Any, discriminator: str) -> str | None:
+    field = getattr(model, "model_fields", {}).get(discriminator)
+    if field is None or typing.get_origin(field.annotation) is not Literal:
+        return None
+    return str(typing.get_args(field.annotation)[0])
+
+
+def _field_by_key(model: type[BaseModel], key: str) -> FieldInfo | None:
+    for name, field in model.model_fields.items():
+        if (field.alias or name) == key:
+            return field
+    return None
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    loc: Loc  # tags and [key] markers removed
+    on_key: bool
+    allowed: tuple[str, ...]  # keys of the model where the last key was not found
+    union_tags: tuple[str, ...]  # tags of the discriminated union at the end of loc
+    discriminator: str | None
+
+
+def _resolve(loc: tuple[Any, ...]) -> _Resolved:
+    """Follow a pydantic error location through the model types."""
+    tp: Any = Scenario
+    out: list[str | int] = []
+    on_key = False
+    allowed: tuple[str, ...] = ()
+    for element in loc:
+        if element == "[key]":
+            on_key = True
+            continue
+        tp, discriminator = _strip_annotated(tp)
+        if discriminator is not None and isinstance(element, str):
+            # pydantic puts the tag of a discriminated union in the location
+            tp = next((m for m in _union_members(tp) if _tag_of(m, discriminator) == element), None)
+            continue
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(element, str):
+            field = _field_by_key(tp, element)
+            if field is None:
+                allowed = tuple(_keys_of(tp))
+                tp = None
+            else:
+                tp = field.annotation
+        elif origin in (tuple, list) and isinstance(element, int):
+            args = typing.get_args(tp)
+            if len(args) == 2 and args[1] is Ellipsis:
+                tp = args[0]
+            else:
+                tp = args[element] if 0 <= element < len(args) else None
+        elif origin in (dict, Mapping):
+            tp = typing.get_args(tp)[1]
+        else:
+            tp = None
+        out.append(element)
+    tp, discriminator = _strip_annotated(tp)
+    tags: tuple[str, ...] = ()
+    if discriminator is not None:
+        tags = tuple(t for t in (_tag_of(m, discriminator) for m in _union_members(tp)) if t is not None)
+    return _Resolved(tuple(out), on_key, allowed, tags, discriminator)
+
+
+def _issue_from_error(err: Any) -> FieldIssue:
+    resolved = _resolve(tuple(err["loc"]))
+    loc = resolved.loc
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    last = loc[-1] if loc else None
+    if kind == "extra_forbidden":
+        key = str(last)
+        close = difflib.get_close_matches(key, resolved.allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(resolved.allowed)})"
+        return FieldIssue(loc, f"unknown field {key[:40]!r}{hint}", on_key=True)
+    if kind == "missing":
+        if isinstance(last, int):
+            return FieldIssue(loc, f"missing list item [{last}]")
+        return FieldIssue(loc, f"missing required field {last!r}")
+    discriminator = resolved.discriminator or "kind"
+    known = ", ".join(resolved.union_tags)
+    if kind == "union_tag_invalid":
+        tag = str(ctx.get("tag", ""))[:40]
+        return FieldIssue((*loc, discriminator), f"unknown {discriminator} {tag!r} (known: {known})")
+    if kind == "union_tag_not_found":
+        return FieldIssue(loc, f"missing required field {discriminator!r} (one of: {known})")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return FieldIssue(loc, "expected a mapping (key: value pairs)")
+    message = str(err["msg"])
+    if kind == "value_error" and message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if message.startswith("Input should be "):
+        message = "must be " + message[len("Input should be "):]
+    message = message.replace(" after validation", "")
+    return FieldIssue(loc, message, on_key=resolved.on_key)
+
+
+def check_data(data: Any) -> tuple[Scenario | None, tuple[FieldIssue, ...]]:
+    """Validate parsed scenario data: the Scenario, or None and every problem found."""
+    prepared = _prepare(data)
+    scenario: Scenario | None
+    try:
+        scenario = Scenario.model_validate(prepared, context={_SKIP_CROSS_CHECKS: True})
+        issues = []
+    except ValidationError as err:
+        scenario = None
+        issues = [_issue_from_error(e) for e in err.errors(include_url=False, include_input=False)]
+    issues.extend(_raw_cross_issues(prepared))
+    if issues:
+        return None, tuple(issues)
+    return scenario, ()
+
+
+def format_path(loc: Loc) -> str:
+    """`('links', 0, 'length_km')` -> `links[0].length_km`."""
+    text = ""
+    for element in loc:
+        if isinstance(element, int) and not isinstance(element, bool):
+            text += f"[{element}]"
+        else:
+            text += ("." if text else "") + str(element)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Reference documentation
+# ---------------------------------------------------------------------------
+
+BEGIN_MARKER: Final = "<!-- BEGIN GENERATED REFERENCE: python -m emulator.scenario.schema --write docs/scenarios.md -->"
+END_MARKER: Final = "<!-- END GENERATED REFERENCE -->"
+
+_PRIMITIVES: Final = {bool: "boolean", str: "text", int: "integer", float: "number"}
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+
+
+def _app_title(cls: type[AppBase]) -> str:
+    return f"App `{_tag_of(cls, 'kind')}`"
+
+
+def _model_link(model: type[BaseModel]) -> str:
+    title = _app_title(model) if issubclass(model, AppBase) and model is not AppBase else model.__name__
+    return f"[{title.replace('`', '')}](#{_anchor(title)})"
+
+
+def _type_label(tp: Any, metadata: Sequence[Any] = ()) -> str:
+    for m in metadata:
+        if isinstance(m, TypeDoc):
+            return m.label
+    if typing.get_origin(tp) is Annotated:
+        base, *meta = typing.get_args(tp)
+        discriminated = any(isinstance(m, FieldInfo) and m.discriminator for m in meta)
+        if discriminated:
+            return "app (by `kind`: " + ", ".join(_model_link(m) for m in _union_members(base)) + ")"
+        return _type_label(base, meta)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        label = " or ".join(_type_label(m) for m in members)
+        return label + (" (optional)" if len(members) < len(args) else "")
+    if origin in (tuple, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_label(args[0])}"
+        if len(args) == 2 and args[0] == args[1]:
+            return f"pair of {_type_label(args[0])}"
+        return "list [" + ", ".join(_type_label(a) for a in args) + "]"
+    if origin in (dict, Mapping):
+        return f"mapping of {_type_label(args[0])} to {_type_label(args[1])}"
+    if origin is Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(f"`{m.value}`" for m in tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return _model_link(tp)
+    return _PRIMITIVES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _default_label(field: FieldInfo) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "doc_default" in extra:
+        return str(extra["doc_default"])
+    if field.default_factory is not None:
+        return "see " + _type_label(field.annotation)
+    value = field.default
+    if value is PydanticUndefined:
+        return "required"
+    if value is None:
+        return "absent"
+    if isinstance(value, enum.Enum):
+        return f"`{value.value}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return "`inf`" if math.isinf(value) else f"`{value:g}`"
+    if isinstance(value, (tuple, list)) and not value:
+        return "`[]`"
+    if isinstance(value, str) and not value:
+        return '`""`'
+    return f"`{value}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _model_section(title: str, model: type[BaseModel]) -> list[str]:
+    doc = typing.cast(str, model.__doc__ or "").strip()
+    lines = [f"### {title}", ""]
+    for paragraph in re.split(r"\n\s*\n", doc) if doc else ():
+        lines += [" ".join(paragraph.split()), ""]
+    lines += ["| Field | Type | Default | Description |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        description = field.description or ""
+        if field.alias and field.alias != name:
+            description += f" (Python attribute `{name}`.)"
+        lines.append(
+            "| `{}` | {} | {} | {} |".format(
+                key, _cell(_type_label(field.annotation, field.metadata)), _cell(_default_label(field)),
+                _cell(description),
+            )
+        )
+    lines.append("")
+    return lines
+
+
+_VALUE_TYPES: Final = (Name, Count, Number, PositiveFloat, NonNegativeFloat, Probability, Efficiency, Duration,
+                       PositiveDuration, Lifetime, Frequency, MetricName)
+
+
+def render_reference() -> str:
+    """The markdown field reference of the scenario schema (docs/scenarios.md)."""
+    lines = ["## Reference", ""]
+    models: list[tuple[str, type[BaseModel]]] = [
+        ("Scenario", Scenario), ("Defaults", Defaults), ("LinkDefaults", LinkDefaults), ("Node", Node),
+        ("Memory", Memory), ("Link", Link), ("ClassicalLink", ClassicalLink), ("Entanglement", Entanglement),
+    ]
+    models += [(_app_title(cls), cls) for cls in _APP_CLASSES]
+    models.append(("Expectation", Expectation))
+    for title, model in models:
+        lines += _model_section(title, model)
+
+    lines += ["### Metrics", "", "Metrics an expectation may test.", "",
+              "| Metric | Scope | Unit | App kinds | Description |", "|---|---|---|---|---|"]
+    for spec in sorted(METRICS.values(), key=lambda s: s.name):
+        kinds = ", ".join(f"`{k}`" for k in sorted(spec.app_kinds)) or "any"
+        lines.append(f"| `{spec.name}` | {spec.scope.value} | {spec.unit or '—'} | {kinds} | {_cell(spec.description)} |")
+    lines.append("")
+
+    lines += ["### Value types", "", "| Type | Accepted values |", "|---|---|"]
+    for tp in _VALUE_TYPES:
+        doc = next(m for m in typing.get_args(tp)[1:] if isinstance(m, TypeDoc))
+        lines.append(f"| {doc.label} | {_cell(doc.explanation)} |")
+    lines.append("")
+
+    lines += ["### Units", "",
+              "Durations and frequencies are numbers in SI units (seconds, hertz) or numbers with a suffix; "
+              "numeric strings such as `\"1e9\"` count as numbers. Fields whose name carries the unit "
+              "(`length_km`) take plain numbers.", "",
+              "| Quantity | Suffix | Factor |", "|---|---|---|"]
+    for suffix, factor in DURATION_UNITS_S.items():
+        lines.append(f"| duration | `{suffix}` | {factor:g} s |")
+    for suffix, factor in FREQUENCY_UNITS_HZ.items():
+        lines.append(f"| frequency | `{suffix}` | {factor:g} Hz |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_generated_section(document: str, generated: str) -> str:
+    """`document` with the text between the reference markers replaced by `generated`."""
+    start = document.find(BEGIN_MARKER)
+    end = document.find(END_MARKER)
+    if start < 0 or end < start:
+        raise ValueError(f"markers not found; the document needs a line {BEGIN_MARKER!r} and a line {END_MARKER!r}")
+    head = document[: start + len(BEGIN_MARKER)]
+    return f"{head}\n\n{generated}\n{document[end:]}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m emulator.scenario.schema [--write PATH]`: print or update the reference."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        sys.stdout.write(render_reference())
+        return 0
+    if len(args) == 2 and args[0] == "--write":
+        with open(args[1], encoding="utf-8") as f:
+            old = f.read()
+        new = replace_generated_section(old, render_reference())
+        if new != old:
+            with open(args[1], "w", encoding="utf-8") as f:
+                f.write(new)
+        return 0
+    sys.stderr.write("usage: python -m emulator.scenario.schema [--write docs/scenarios.md]\n")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
