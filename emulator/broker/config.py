@@ -1,0 +1,314 @@
+"""The broker's own configuration: frozen records built from a scenario (or by hand in tests).
+
+Theory of operation: the broker core needs only a small, already-validated slice of a
+scenario — each node's memory (capacity, T1/T2, gate fidelity), each link's fibre and
+heralding parameters, the run seed and the time scale — plus its own resource limits.
+`BrokerConfig` holds exactly that, so `emulator.broker.core` never imports the
+scenario model (pydantic) and tests can build configurations in one line.
+`BrokerConfig.from_scenario` is the single place that maps scenario field names onto
+these records.
+
+Everything is a frozen, slotted dataclass; `__post_init__` checks the invariants the
+core relies on (unique node names, links between known, distinct nodes, physically
+possible T1/T2, probabilities in range) and raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from emulator.physics import (
+    DEFAULT_ATTENUATION_DB_PER_KM,
+    HeraldingModel,
+    HeraldingScheme,
+    PhysicsParameterError,
+    check_coherence_times,
+    double_click_model,
+    gate_depolarizing_probability,
+    single_click_model,
+)
+from emulator.state import MAX_REGISTER_QUBITS_LIMIT
+from emulator.wire import DEFAULT_MAX_FRAME_BYTES
+
+__all__ = [
+    "BrokerConfig",
+    "BrokerLimits",
+    "ConfigError",
+    "EntanglementConfig",
+    "LinkConfig",
+    "MemoryConfig",
+    "NodeConfig",
+]
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+
+class ConfigError(ValueError):
+    """A broker configuration violates an invariant (names the field and the value)."""
+
+
+def _unit(name: str, value: float) -> None:
+    if not (0.0 <= value <= 1.0):
+        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+
+
+@_frozen
+class MemoryConfig:
+    """A node's quantum memory. `math.inf` coherence times mean "no decay of that kind".
+
+    `gate_fidelity` is the average gate fidelity F of one qubit's share of a gate; every
+    qubit a gate touches is depolarised with p = 2(1 - F) (emulator.physics.gate).
+    """
+
+    qubits: int = 10
+    t1_s: float = math.inf
+    t2_s: float = math.inf
+    gate_fidelity: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.qubits < 0:
+            raise ConfigError(f"memory qubits must be >= 0, got {self.qubits!r}")
+        try:
+            check_coherence_times(self.t1_s, self.t2_s)
+        except PhysicsParameterError as exc:
+            raise ConfigError(str(exc)) from None
+        if not (0.0 <= self.gate_fidelity <= 1.0):
+            raise ConfigError(f"gate_fidelity must be in [0, 1], got {self.gate_fidelity!r}")
+
+    @property
+    def gate_depolarizing_p(self) -> float:
+        """p of the depolarising channel after each gate, per touched qubit.
+
+        # Nielsen, Phys. Lett. A 303, 249 (2002), eq. (3): p = 2(1 - F) for d = 2
+        # (emulator.physics.gate). F below 1/2 (worse than a fully depolarising gate)
+        # is treated as 1/2, i.e. p = 1.
+        """
+        return gate_depolarizing_probability(max(self.gate_fidelity, 0.5), 1)
+
+
+@_frozen
+class NodeConfig:
+    name: str
+    memory: MemoryConfig = MemoryConfig()
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 256:
+            raise ConfigError(f"node name must be 1..256 characters, got {self.name!r}")
+
+
+@_frozen
+class EntanglementConfig:
+    """Heralded entanglement on a link (emulator.physics.heralding).
+
+    `bright_state_alpha` is used by the single-click scheme only.
+    """
+
+    scheme: HeraldingScheme = HeraldingScheme.DOUBLE_CLICK
+    detector_efficiency: float = 1.0
+    visibility: float = 1.0
+    bright_state_alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        _unit("detector_efficiency", self.detector_efficiency)
+        _unit("visibility", self.visibility)
+        if self.scheme is HeraldingScheme.SINGLE_CLICK and not (0.0 < self.bright_state_alpha <= 0.5):
+            raise ConfigError(f"bright_state_alpha must be in (0, 0.5], got {self.bright_state_alpha!r}")
+
+    def model(self, length_km: float, attenuation_db_per_km: float) -> HeraldingModel:
+        """The per-attempt heralding model of this link."""
+        if self.scheme is HeraldingScheme.SINGLE_CLICK:
+            return single_click_model(
+                length_km,
+                self.bright_state_alpha,
+                detector_efficiency=self.detector_efficiency,
+                visibility=self.visibility,
+                attenuation_db_per_km=attenuation_db_per_km,
+            )
+        return double_click_model(
+            length_km,
+            detector_efficiency=self.detector_efficiency,
+            visibility=self.visibility,
+            attenuation_db_per_km=attenuation_db_per_km,
+        )
+
+
+@_frozen
+class LinkConfig:
+    """A fibre between two nodes; `entanglement` None means no heralded entanglement."""
+
+    endpoints: tuple[str, str]
+    length_km: float
+    attenuation_db_per_km: float = DEFAULT_ATTENUATION_DB_PER_KM
+    jitter_s: float = 0.0
+    udp_loss: float = 0.0
+    entanglement: EntanglementConfig | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.endpoints) != 2 or self.endpoints[0] == self.endpoints[1]:
+            raise ConfigError(f"a link joins two distinct nodes, got {self.endpoints!r}")
+        if not (self.length_km >= 0.0 and math.isfinite(self.length_km)):
+            raise ConfigError(f"length_km must be finite and >= 0, got {self.length_km!r}")
+        if not (self.attenuation_db_per_km >= 0.0 and math.isfinite(self.attenuation_db_per_km)):
+            raise ConfigError(f"attenuation_db_per_km must be finite and >= 0, got {self.attenuation_db_per_km!r}")
+        if not (self.jitter_s >= 0.0 and math.isfinite(self.jitter_s)):
+            raise ConfigError(f"jitter_s must be finite and >= 0, got {self.jitter_s!r}")
+        _unit("udp_loss", self.udp_loss)
+        if self.entanglement is not None:
+            try:
+                self.entanglement.model(self.length_km, self.attenuation_db_per_km)
+            except PhysicsParameterError as exc:
+                raise ConfigError(f"link {self.endpoints!r}: {exc}") from None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The endpoints in sorted order: one key per link whichever end asks."""
+        a, b = self.endpoints
+        return (a, b) if a <= b else (b, a)
+
+
+@_frozen
+class BrokerLimits:
+    """Resource limits of the broker (DESIGN §12: every parser and table is bounded)."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_register_qubits: int = 10  # largest entangled register, 2..12 (registry limit)
+    max_open_epr_requests_per_node: int = 16  # open epr requests a node takes part in
+    max_pairs_per_request: int = 1_000_000
+    max_pairs_per_delivery: int = 65_536  # pairs in one epr_delivered (~1.6 MiB); larger batches split
+    max_ops_per_circuit: int = 10_000
+    max_output_buffer_bytes: int = 64 * 1024 * 1024  # unread output before a session is dropped
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"{f.name} must be >= 1")
+        if not (2 <= self.max_register_qubits <= MAX_REGISTER_QUBITS_LIMIT):
+            raise ConfigError(f"max_register_qubits must be in [2, {MAX_REGISTER_QUBITS_LIMIT}]")
+
+
+@_frozen
+class BrokerConfig:
+    """Everything the broker core needs to know about a run."""
+
+    nodes: tuple[NodeConfig, ...]
+    links: tuple[LinkConfig, ...] = ()
+    seed: int = 0
+    time_scale: float = 1.0  # wall seconds per emulated second (DESIGN §3)
+    limits: BrokerLimits = BrokerLimits()
+
+    def __post_init__(self) -> None:
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ConfigError("node names must be unique")
+        known = set(names)
+        seen: set[tuple[str, str]] = set()
+        for link in self.links:
+            for end in link.endpoints:
+                if end not in known:
+                    raise ConfigError(f"link {link.endpoints!r} names unknown node {end!r}")
+            if link.key in seen:
+                raise ConfigError(f"two links join {link.key!r}")
+            seen.add(link.key)
+        if not (self.time_scale > 0.0 and math.isfinite(self.time_scale)):
+            raise ConfigError(f"time_scale must be finite and > 0, got {self.time_scale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
+
+    # ------------------------------------------------------------------ lookups
+
+    def node(self, name: str) -> NodeConfig | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def link(self, a: str, b: str) -> LinkConfig | None:
+        key = (a, b) if a <= b else (b, a)
+        return next((link for link in self.links if link.key == key), None)
+
+    def neighbours(self, name: str) -> list[str]:
+        """Nodes linked to `name`, in link order."""
+        out = []
+        for link in self.links:
+            a, b = link.endpoints
+            if a == name:
+                out.append(b)
+            elif b == name:
+                out.append(a)
+        return out
+
+    # ------------------------------------------------------------------ builders
+
+    @classmethod
+    def build(
+        cls,
+        nodes: Iterable[str] | Mapping[str, MemoryConfig],
+        links: Iterable[LinkConfig] = (),
+        **kwargs: Any,
+    ) -> BrokerConfig:
+        """Short form for tests: `BrokerConfig.build(["a", "b"], [LinkConfig(("a", "b"), 10.0)])`."""
+        if isinstance(nodes, Mapping):
+            node_cfgs = tuple(NodeConfig(n, m) for n, m in nodes.items())
+        else:
+            node_cfgs = tuple(NodeConfig(n) for n in nodes)
+        return cls(nodes=node_cfgs, links=tuple(links), **kwargs)
+
+    @classmethod
+    def from_scenario(cls, scenario: Any, *, limits: BrokerLimits | None = None) -> BrokerConfig:
+        """Build from a validated `emulator.scenario.Scenario` (the only scenario-aware code)."""
+        return _config_from_scenario(scenario, limits or BrokerLimits())
+
+
+def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
+    """Map `emulator.scenario.schema.Scenario` field names onto the broker's records.
+
+    Duck-typed on purpose (no pydantic import): nodes is a mapping name -> node with
+    `.memory.{qubits, t1_s, t2_s, gate_fidelity}`; links have `.endpoints`, `.length_km`,
+    `.attenuation_db_per_km`, `.classical.{jitter_s, udp_loss}` and `.entanglement`
+    (None or `.{scheme, detector_efficiency, visibility, bright_state_alpha}`).
+    """
+    nodes = []
+    for name, node in scenario.nodes.items():
+        mem = node.memory
+        nodes.append(
+            NodeConfig(
+                name=str(name),
+                memory=MemoryConfig(
+                    qubits=int(mem.qubits),
+                    t1_s=float(mem.t1_s),
+                    t2_s=float(mem.t2_s),
+                    gate_fidelity=float(mem.gate_fidelity),
+                ),
+            )
+        )
+    links = []
+    for link in scenario.links:
+        ent = link.entanglement
+        ent_cfg = None
+        if ent is not None:
+            scheme = HeraldingScheme(getattr(ent.scheme, "value", ent.scheme))
+            alpha = ent.bright_state_alpha
+            ent_cfg = EntanglementConfig(
+                scheme=scheme,
+                detector_efficiency=float(ent.detector_efficiency),
+                visibility=float(ent.visibility),
+                bright_state_alpha=0.1 if alpha is None else float(alpha),
+            )
+        a, b = link.endpoints
+        links.append(
+            LinkConfig(
+                endpoints=(str(a), str(b)),
+                length_km=float(link.length_km),
+                attenuation_db_per_km=float(link.attenuation_db_per_km),
+                jitter_s=float(link.classical.jitter_s),
+                udp_loss=float(link.classical.udp_loss),
+                entanglement=ent_cfg,
+            )
+        )
+    return BrokerConfig(
+        nodes=tuple(nodes),
+        links=tuple(links),
+        seed=int(scenario.seed),
+        time_scale=float(scenario.time_scale),
+        limits=limits,
+    )
