@@ -257,7 +257,7 @@ class Memory(_Model):
         json_schema_extra={"doc_default": "2·t1"},
     )
     gate_fidelity: Probability = Field(
-        1.0, description="Fidelity of each gate; the broker applies 1 - gate_fidelity as depolarising noise."
+        1.0, description="Average gate fidelity F of each gate; the broker depolarises every qubit a gate touches with p = d(1 - F)/(d - 1) (emulator.physics.gate)."
     )
 
     @model_validator(mode="before")

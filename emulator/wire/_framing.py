@@ -18,14 +18,16 @@ __all__ = ["DEFAULT_MAX_FRAME_BYTES", "HEADER_BYTES", "FrameDecoder", "encode_fr
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024  # DESIGN §4
 HEADER_BYTES = 4
 _HEADER = struct.Struct(">I")
+_MAX_ENCODABLE = (1 << 32) - 1  # what a 4-byte length can say
 
 
 def encode_frame(payload: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Prefix `payload` with its length; refuse payloads the peer would reject."""
-    if len(payload) > max_frame_bytes:
+    limit = min(max_frame_bytes, _MAX_ENCODABLE)
+    if len(payload) > limit:
         raise LocalProtocolError(
             ErrorCode.FRAME_TOO_LARGE,
-            f"frame of {len(payload)} bytes exceeds the limit of {max_frame_bytes}",
+            f"frame of {len(payload)} bytes exceeds the limit of {limit}",
         )
     return _HEADER.pack(len(payload)) + payload
 
@@ -34,7 +36,8 @@ class FrameDecoder:
     """Reassembles frames from a byte stream.
 
     After a `frame_too_large` error the decoder is poisoned: the stream position is
-    lost, so the only safe continuation is to close the connection.
+    lost, so the only safe continuation is to close the connection. A poisoned decoder
+    drops its buffer and whatever is fed to it afterwards, and every `next_frame` raises.
     """
 
     __slots__ = ("_buffer", "_max_frame_bytes", "_poisoned")
@@ -45,7 +48,8 @@ class FrameDecoder:
         self._poisoned = False
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if not self._poisoned:  # a poisoned stream is never read again: do not hoard it
+            self._buffer += data
 
     @property
     def buffered_bytes(self) -> int:
@@ -60,6 +64,7 @@ class FrameDecoder:
         (length,) = _HEADER.unpack_from(self._buffer, 0)
         if length > self._max_frame_bytes:
             self._poisoned = True
+            self._buffer.clear()
             raise RemoteProtocolError(
                 ErrorCode.FRAME_TOO_LARGE,
                 f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes}",
