@@ -15,12 +15,12 @@ Envelope: `{"v": 1, "t": <type>, "id": <int>, "re"?: <int>, ...fields}`.
 Each field type has a pair of functions. The encoder only *normalises* values that have
 one obvious wire form (numpy scalars, tuples, sequences for packed arrays, safe dtype
 casts) and otherwise passes the value through; `encode` then runs the decoders over the
-result, so a message is sent only if a peer with the same limits would accept it (the
-sender learns of a bad value from a `LocalProtocolError` naming the field, not from the
-peer). Decoding applies two tiers of limits: msgpack's own parser gets generous hard
-limits (`_HARD_LIMIT_FACTOR` times the `Limits`, so a hostile length header cannot make
-it pre-allocate much), and the field decoders apply the exact `Limits` so that an
-excess is reported as `bad_field` naming the field.
+result, so a message with a wrong type or value is never sent (the sender learns of it
+from a `LocalProtocolError` naming the field, not from the peer); sizes are checked too
+when `encode` is given `Limits`. Decoding applies two tiers of limits: msgpack's own
+parser gets generous hard limits (`_HARD_LIMIT_FACTOR` times the `Limits`, so a hostile
+length header cannot make it pre-allocate much), and the field decoders apply the exact
+`Limits` so that an excess is reported as `bad_field` naming the field.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_NO_SIZE_LIMITS = Limits(  # what `encode` checks when not given limits: types and ranges only
+    max_frame_bytes=1 << 62, max_array_items=1 << 62, max_list_items=1 << 62, max_str_bytes=1 << 62,
+    max_map_items=1 << 62,
+)  # fmt: skip
 
 # msgpack's parser rejects containers/strings above this multiple of the field limits
 # (bad_frame); between 1x and this, the field decoder reports bad_field naming the field.
@@ -472,18 +476,17 @@ def _encode_fields(schema: _Schema, obj: Any, prefix: str, lim: Limits) -> dict[
     return out
 
 
-def _check_envelope_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
-        raise _bad_local(name, "must be an int in [0, 2**63 - 1]")
-
-
-def _to_map(message: Message, id: int, re: int | None, limits: Limits) -> dict[str, Any]:
+def _to_map(message: Message, id: int, re: int | None, limits: Limits | None) -> dict[str, Any]:
     schema = _REGISTRY.get(type(message).TYPE)
     if schema is None or schema.cls is not type(message):
         raise LocalProtocolError(ErrorCode.UNKNOWN_TYPE, f"{type(message).__name__} is not a registered message")
-    _check_envelope_int("id", id)
-    if re is not None:
-        _check_envelope_int("re", re)
+    if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id <= _INT64_MAX:
+        raise _bad_local("id", "must be an int in [0, 2**63 - 1]")
+    # `re` echoes the peer's id; an error about a frame with an out-of-range id may have to
+    # echo it as it came, so any msgpack integer is sent (the peer's decoder judges it).
+    if re is not None and (isinstance(re, bool) or not isinstance(re, int) or not _INT64_MIN <= re <= _UINT64_MAX):
+        raise _bad_local("re", "must be an int")
+    limits = _NO_SIZE_LIMITS if limits is None else limits
     body = _encode_fields(schema, message, "", limits)
     try:  # send only what a peer with these limits would accept
         _decode_fields(schema, body, "", limits, frozenset())
@@ -496,11 +499,15 @@ def _to_map(message: Message, id: int, re: int | None, limits: Limits) -> dict[s
     return out
 
 
-def encode(message: Message, *, id: int = 0, re: int | None = None, limits: Limits = DEFAULT_LIMITS) -> bytes:
+def encode(message: Message, *, id: int = 0, re: int | None = None, limits: Limits | None = None) -> bytes:
     """Encode one message as a msgpack map (no length prefix).
 
-    Raises `LocalProtocolError` (naming the field) if the message would not decode under
-    `limits`: wrong type, out of range, lossy array cast, over a limit.
+    Raises `LocalProtocolError` naming the field if a value has the wrong type or range,
+    or an array cannot be packed without loss — anything a peer's decoder would refuse
+    whatever its limits. Sizes are checked against `limits` only when given (then the
+    message is sent only if a peer with those limits accepts it); without them an
+    over-size value reaches the peer, which answers `bad_field`, so that text echoed
+    from a peer (say, in an error message) can never make our own encoder raise.
     """
     try:
         return msgpack.packb(_to_map(message, id, re, limits), use_bin_type=True)
@@ -514,7 +521,7 @@ def encode_framed(
     id: int = 0,
     re: int | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits | None = None,
 ) -> bytes:
     """Encode one message with its 4-byte length prefix (stream transports)."""
     return encode_frame(encode(message, id=id, re=re, limits=limits), max_frame_bytes=max_frame_bytes)
@@ -565,8 +572,10 @@ def decode(payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     if isinstance(msg_id, bool) or not isinstance(msg_id, int) or not 0 <= msg_id <= _INT64_MAX:
         raise _bad("id", "expected an int in [0, 2**63 - 1]")
     re = raw.get("re")
-    if re is not None and (isinstance(re, bool) or not isinstance(re, int) or not 0 <= re <= _INT64_MAX):
-        raise _bad("re", "expected an int in [0, 2**63 - 1]")
+    # `re` is only a correlation key: any integer is accepted, one matching no request of
+    # ours is simply unmatched (errors may echo a peer's out-of-range id as it came).
+    if re is not None and (isinstance(re, bool) or not isinstance(re, int)):
+        raise _bad("re", "expected int")
     tag = raw.get("t")
     if tag is None:
         raise _bad("t", "missing message type")

@@ -85,7 +85,7 @@ def test_quickstart_loads_with_si_values() -> None:
     assert set(s.nodes) == {"alice", "bob"}
     alice = s.nodes["alice"]
     assert alice.role is Role.ENDPOINT and alice.external is False
-    assert alice.memory.qubits == 64 and math.isinf(alice.memory.t1_s) and math.isinf(alice.memory.t2_s)
+    assert alice.memory.qubits == 2048 and math.isinf(alice.memory.t1_s) and math.isinf(alice.memory.t2_s)
     link = s.link("bob", "alice")
     assert link is not None and link.length_km == 10.0 and link.attenuation_db_per_km == 0.2
     assert link.entanglement is not None
