@@ -1,0 +1,473 @@
+"""The orchestrator's decisions, without I/O: the run plan, registration, the timeline.
+
+Theory of operation: `plan_from_scenario` turns a validated scenario into a `RunPlan`
+(nodes to launch, apps with their start offsets, expectations). The I/O shell
+(`emulator.runtime.local`) then feeds the objects below with what it observes and acts
+on what they say:
+
+* `EmulatedClock` — the broker owns emulated time (DESIGN §3); every reply carrying
+  the broker's `now_s` re-anchors the estimate `now_s + (mono - mono_at_reply) / time_scale`.
+* `RegistrationTracker` — fed each `status_reply`, says which nodes newly registered and
+  which are still missing.
+* `Timeline` — origin = the emulated instant every node was registered. `due(now)` lists
+  apps whose `start` offset has come; `observe(...)` digests each polled `app_status`
+  into the app's state (pending → running → done | failed) and returns an `AppChanged`
+  record on every transition; `finish_reason(now)` says when to stop: every app
+  finished, or `duration` emulated seconds elapsed since the origin (apps not finished
+  then keep state `running`, so expectations on them fail with that reason).
+
+An epr-test app runs on two nodes: the responder is started first (so it is listening
+when the initiator asks for pairs), then the initiator; the initiator's results are
+the app's metrics. The app is done when the initiator is done, failed when either end
+failed. All times here are emulated seconds; nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from emulator.report.results import AppOutcome, AppState, ExpectationSpec
+
+__all__ = [
+    "AppChanged",
+    "AppPlan",
+    "AppStartRequest",
+    "EmulatedClock",
+    "ExitCode",
+    "FinishReason",
+    "NodePlan",
+    "PlanError",
+    "RegistrationTracker",
+    "RunPlan",
+    "Timeline",
+    "plan_from_scenario",
+]
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+
+class ExitCode(enum.IntEnum):
+    """Exit status of `qnetem run` (DESIGN §11)."""
+
+    OK = 0  # every expectation held
+    EXPECTATION_FAILED = 1
+    INVALID_INPUT = 2  # bad scenario, bad arguments
+    RUNTIME_FAILURE = 3  # a process crashed, registration timed out, ...
+    INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, the shell convention)
+
+
+class FinishReason(enum.StrEnum):
+    ALL_APPS_FINISHED = "all_apps_finished"
+    DURATION_ELAPSED = "duration_elapsed"
+
+
+class PlanError(ValueError):
+    """The scenario asks for something this orchestrator cannot run (e.g. an unknown app kind)."""
+
+
+#: App kinds this orchestrator knows how to start, and their roles in start order.
+SUPPORTED_APP_KINDS: Mapping[str, tuple[str, ...]] = {"epr-test": ("responder", "initiator")}
+
+
+@_frozen
+class NodePlan:
+    name: str
+    role: str
+    external: bool
+
+
+@_frozen
+class AppStartRequest:
+    """One `app_start` to send: to `node`, in the order the plan lists them."""
+
+    node: str
+    role: str
+    kind: str
+    name: str
+    params: Mapping[str, Any]
+
+
+@_frozen
+class AppPlan:
+    name: str
+    kind: str
+    initiator: str
+    responder: str
+    pairs: int
+    wait_s: float
+    start_s: float  # offset from the timeline origin, emulated seconds
+
+    @property
+    def nodes(self) -> tuple[str, str]:
+        return (self.initiator, self.responder)
+
+    def node_of(self, role: str) -> str:
+        return self.initiator if role == "initiator" else self.responder
+
+    def start_requests(self) -> tuple[AppStartRequest, ...]:
+        """The `app_start` calls for this app, responder first (it must be listening)."""
+        common = {"pairs": self.pairs, "wait_s": self.wait_s}
+        return (
+            AppStartRequest(
+                self.responder, "responder", self.kind, self.name,
+                {"role": "responder", "peer": self.initiator, **common},
+            ),
+            AppStartRequest(
+                self.initiator, "initiator", self.kind, self.name,
+                {"role": "initiator", "peer": self.responder, **common},
+            ),
+        )  # fmt: skip
+
+
+@_frozen
+class RunPlan:
+    name: str
+    seed: int
+    duration_s: float
+    time_scale: float
+    nodes: tuple[NodePlan, ...]
+    apps: tuple[AppPlan, ...]
+    expectations: tuple[ExpectationSpec, ...]
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+    @property
+    def launched_nodes(self) -> tuple[str, ...]:
+        """Nodes the runtime starts (every node not marked external)."""
+        return tuple(n.name for n in self.nodes if not n.external)
+
+    @property
+    def external_nodes(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes if n.external)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _first(obj: Any, names: Sequence[str], default: Any = None) -> Any:
+    for name in names:
+        value = _get(obj, name)
+        if value is not None:
+            return value
+    return default
+
+
+def plan_from_scenario(scenario: Any) -> RunPlan:
+    """Build the run plan of a validated `Scenario` (or of its `scenario_to_dict` form)."""
+    nodes = []
+    raw_nodes = _get(scenario, "nodes") or {}
+    items = raw_nodes.items() if isinstance(raw_nodes, Mapping) else ((_get(n, "name"), n) for n in raw_nodes)
+    for name, spec in items:
+        nodes.append(NodePlan(str(name), str(_get(spec, "role", "") or ""), bool(_get(spec, "external", False))))
+    names = {n.name for n in nodes}
+
+    apps = []
+    for index, spec in enumerate(_get(scenario, "apps") or ()):
+        kind = str(_get(spec, "kind"))
+        if kind not in SUPPORTED_APP_KINDS:
+            raise PlanError(f"apps[{index}]: kind {kind!r} is not supported by this orchestrator")
+        name = str(_get(spec, "name") or f"{kind}-{index}")
+        app_nodes = list(_get(spec, "nodes") or ())
+        if len(app_nodes) != 2:
+            raise PlanError(f"apps[{index}] ({name}): needs exactly two nodes [initiator, responder]")
+        for node in app_nodes:
+            if node not in names:
+                raise PlanError(f"apps[{index}] ({name}): unknown node {node!r}")
+        apps.append(
+            AppPlan(
+                name=name,
+                kind=kind,
+                initiator=str(app_nodes[0]),
+                responder=str(app_nodes[1]),
+                pairs=int(_get(spec, "pairs")),
+                wait_s=float(_first(spec, ("wait_s", "wait"), 0.0)),
+                start_s=float(_first(spec, ("start_s", "start"), 0.0)),
+            )
+        )
+    if len({a.name for a in apps}) != len(apps):
+        raise PlanError("two apps share a name")
+
+    expectations = []
+    for spec in _get(scenario, "expect") or ():
+        expectations.append(
+            ExpectationSpec(
+                metric=str(_get(spec, "metric")),
+                app=str(_get(spec, "app")),
+                min=_opt_float(_get(spec, "min")),
+                max=_opt_float(_get(spec, "max")),
+            )
+        )
+    return RunPlan(
+        name=str(_get(scenario, "name")),
+        seed=int(_get(scenario, "seed", 0) or 0),
+        duration_s=float(_first(scenario, ("duration_s", "duration"))),
+        time_scale=float(_get(scenario, "time_scale", 1.0) or 1.0),
+        nodes=tuple(nodes),
+        apps=tuple(apps),
+        expectations=tuple(expectations),
+    )
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+class EmulatedClock:
+    """Estimate of the broker's emulated clock between replies (DESIGN §3)."""
+
+    __slots__ = ("_anchor_mono_s", "_anchor_now_s", "time_scale")
+
+    def __init__(self, time_scale: float) -> None:
+        if not time_scale > 0:
+            raise ValueError("time_scale must be positive")
+        self.time_scale = time_scale
+        self._anchor_now_s: float | None = None
+        self._anchor_mono_s = 0.0
+
+    def sync(self, now_s: float, mono_s: float) -> None:
+        """Re-anchor on a broker reply: the broker said `now_s` at monotonic time `mono_s`."""
+        self._anchor_now_s = now_s
+        self._anchor_mono_s = mono_s
+
+    @property
+    def synced(self) -> bool:
+        return self._anchor_now_s is not None
+
+    def now(self, mono_s: float) -> float | None:
+        if self._anchor_now_s is None:
+            return None
+        return self._anchor_now_s + (mono_s - self._anchor_mono_s) / self.time_scale
+
+    def wall_s_until(self, now_s: float, target_s: float) -> float:
+        """Wall seconds until emulated time `target_s`, seen from emulated time `now_s`."""
+        return max(0.0, (target_s - now_s) * self.time_scale)
+
+
+class RegistrationTracker:
+    """Which expected nodes have registered with the broker, and where they listen."""
+
+    def __init__(self, expected: Iterable[str]) -> None:
+        self.expected = tuple(expected)
+        self._registered: dict[str, Any] = {}  # name -> NodeStatus-like
+
+    def update(self, statuses: Iterable[Any]) -> list[str]:
+        """Digest a `status_reply.nodes`; return the names that registered since the last call."""
+        new = []
+        for status in statuses:
+            name = _get(status, "name")
+            if name in self.expected and _get(status, "registered") and name not in self._registered:
+                new.append(name)
+            if name in self._registered or (name in self.expected and _get(status, "registered")):
+                self._registered[name] = status
+        return new
+
+    def lost(self, statuses: Iterable[Any]) -> list[str]:
+        """Nodes that were registered and now report unregistered."""
+        return [
+            _get(s, "name") for s in statuses
+            if _get(s, "name") in self._registered and not _get(s, "registered")
+        ]  # fmt: skip
+
+    @property
+    def complete(self) -> bool:
+        return all(n in self._registered for n in self.expected)
+
+    def missing(self) -> tuple[str, ...]:
+        return tuple(n for n in self.expected if n not in self._registered)
+
+    def status_of(self, name: str) -> Any:
+        return self._registered.get(name)
+
+    def control_address(self, name: str) -> tuple[str, int] | None:
+        control = _get(self._registered.get(name), "control")
+        return None if control is None else (str(control[0]), int(control[1]))
+
+
+@_frozen
+class AppChanged:
+    """An app changed state (returned by `Timeline.observe` / `mark_*`)."""
+
+    name: str
+    state: AppState
+    t_s: float  # emulated, relative to the timeline origin
+    error: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _AppTrack:
+    plan: AppPlan
+    state: AppState = AppState.PENDING
+    started_s: float | None = None
+    finished_s: float | None = None
+    error: str | None = None
+    node_states: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> state
+    node_results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # role -> results
+
+
+class Timeline:
+    """When to start each app, what state it is in, and when the run is over."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self.origin_s: float | None = None
+        self._apps = {a.name: _AppTrack(a) for a in plan.apps}
+
+    # ------------------------------------------------------------------ time
+
+    def begin(self, now_s: float) -> None:
+        """Every node registered at emulated time `now_s` (broker clock): the origin."""
+        if self.origin_s is not None:
+            raise RuntimeError("timeline already begun")
+        self.origin_s = now_s
+
+    def elapsed_s(self, now_s: float) -> float:
+        if self.origin_s is None:
+            return 0.0
+        return now_s - self.origin_s
+
+    def due(self, now_s: float) -> list[AppPlan]:
+        """Apps still pending whose start offset has come, in scenario order."""
+        if self.origin_s is None:
+            return []
+        elapsed = self.elapsed_s(now_s)
+        return [t.plan for t in self._apps.values() if t.state is AppState.PENDING and t.plan.start_s <= elapsed]
+
+    def next_start_s(self) -> float | None:
+        """Absolute emulated time of the next pending app start (None if none pending)."""
+        if self.origin_s is None:
+            return None
+        pending = [t.plan.start_s for t in self._apps.values() if t.state is AppState.PENDING]
+        return self.origin_s + min(pending) if pending else None
+
+    def deadline_s(self) -> float | None:
+        """Absolute emulated time at which the run stops regardless of the apps."""
+        return None if self.origin_s is None else self.origin_s + self.plan.duration_s
+
+    def finish_reason(self, now_s: float) -> FinishReason | None:
+        if self.origin_s is None:
+            return None
+        tracks = self._apps.values()
+        if tracks and all(t.state in (AppState.DONE, AppState.FAILED) for t in tracks):
+            return FinishReason.ALL_APPS_FINISHED
+        if self.elapsed_s(now_s) >= self.plan.duration_s:
+            return FinishReason.DURATION_ELAPSED
+        return None
+
+    # ------------------------------------------------------------------ app states
+
+    def mark_started(self, name: str, now_s: float) -> AppChanged:
+        track = self._apps[name]
+        if track.state is not AppState.PENDING:
+            raise RuntimeError(f"app {name} already started")
+        track.state = AppState.RUNNING
+        track.started_s = self.elapsed_s(now_s)
+        return AppChanged(name, AppState.RUNNING, track.started_s)
+
+    def mark_failed(self, name: str, error: str, now_s: float) -> AppChanged | None:
+        """The orchestrator could not start or query the app (e.g. the node refused)."""
+        track = self._apps[name]
+        if track.state in (AppState.DONE, AppState.FAILED):
+            return None
+        track.state = AppState.FAILED
+        track.error = error
+        track.finished_s = self.elapsed_s(now_s)
+        return AppChanged(name, AppState.FAILED, track.finished_s, error)
+
+    def observe(self, name: str, role: str, state: str, results: Mapping[str, Any], now_s: float) -> AppChanged | None:
+        """Digest one polled `app_status` of one end of an app."""
+        track = self._apps[name]
+        track.node_states[role] = state
+        track.node_results[role] = dict(results)
+        if track.state is not AppState.RUNNING:
+            return None
+        if state == "failed":
+            error = results.get("error")
+            who = f"{role} {track.plan.node_of(role)}"
+            reason = f"{who} failed: {error}" if error else f"{who} failed"
+            return self.mark_failed(name, reason, now_s)
+        if role == "initiator" and state == "done":
+            track.state = AppState.DONE
+            track.finished_s = self.elapsed_s(now_s)
+            return AppChanged(name, AppState.DONE, track.finished_s)
+        return None
+
+    def state_of(self, name: str) -> AppState:
+        return self._apps[name].state
+
+    def running(self) -> list[AppPlan]:
+        return [t.plan for t in self._apps.values() if t.state is AppState.RUNNING]
+
+    # ------------------------------------------------------------------ snapshots
+
+    def progress(self, now_s: float) -> list[tuple[str, AppState, int | None, int, float | None]]:
+        """(name, state, pairs measured so far, pairs requested, rate in pairs/emulated s)."""
+        out = []
+        for t in self._apps.values():
+            results = t.node_results.get("initiator", {})
+            measured = _as_int(results.get("pairs_measured"))
+            rate = _as_float(results.get("pair_rate_hz"))
+            if rate is None and measured is not None and t.started_s is not None:
+                end = t.finished_s if t.finished_s is not None else self.elapsed_s(now_s)
+                span = end - t.started_s
+                rate = measured / span if span > 0 else None
+            out.append((t.plan.name, t.state, measured, t.plan.pairs, rate))
+        return out
+
+    def outcomes(self, *, unfinished_note: str | None = None) -> dict[str, AppOutcome]:
+        """Final outcome of every app; `unfinished_note` explains apps still running (why the run ended)."""
+        out = {}
+        for t in self._apps.values():
+            error = t.error
+            if t.state is AppState.RUNNING and error is None:
+                error = unfinished_note
+            metrics = {
+                k: v for k, v in t.node_results.get("initiator", {}).items()
+                if t.state is AppState.DONE and k != "error"
+            }  # fmt: skip
+            out[t.plan.name] = AppOutcome(
+                name=t.plan.name,
+                kind=t.plan.kind,
+                nodes=t.plan.nodes,
+                state=t.state,
+                metrics=metrics,
+                requested={"pairs": t.plan.pairs, "wait_s": t.plan.wait_s, "start_s": t.plan.start_s},
+                started_s=t.started_s,
+                finished_s=t.finished_s,
+                error=error,
+            )
+        return out
+
+    def node_reports(self) -> dict[str, dict[str, Any]]:
+        """Per app, the last status each end reported (for results.json)."""
+        return {
+            name: {
+                role: {
+                    "node": t.plan.node_of(role),
+                    "state": t.node_states.get(role),
+                    "results": t.node_results.get(role),
+                }
+                for role in ("initiator", "responder")
+            }
+            for name, t in self._apps.items()
+        }
+
+
+def _as_int(x: Any) -> int | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return int(x)
+
+
+def _as_float(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)

@@ -1,0 +1,739 @@
+"""The node process's trio shell: sockets, timers, the broker connection.
+
+Theory of operation (DESIGN §2, §3; CONVENTIONS 1). All protocol logic lives in sans-IO
+cores; this module only moves bytes between them and real sockets and arms timers:
+
+    broker TCP  <->  QDevice            (nodes/qdevice.py)
+    link TCP    <->  LinkConnection     (nodes/transport/link.py, via tcp_io.LinkIO)
+    UDP         <->  Liveness + DatagramShaper (nodes/transport/liveness.py, shaper.py)
+    control TCP <->  ControlSession     (nodes/control.py)
+                     AppHost            (nodes/apps/host.py) in the middle
+
+Start-up: bind the link listener, the UDP socket and the control listener on
+`--host` port 0; connect to the broker, send `hello` with those addresses, wait for
+`welcome` (or exit with a one-line error). Emulated time is
+t_em = welcome.now_s + (now_wall - t_recv)/time_scale (QDevice.emulated_now); the wall
+clock is trio's (monotonic), so every deadline below is a trio deadline.
+
+After any input the runtime calls `_pump()`: it drains broker events (peer_up ->
+dial or wait to be dialled; epr events -> apps), then app actions (broker requests,
+peer messages), then wakes the writers that have something to send. The lexicographically
+smaller node name dials each link; a dialer retries with back-off while the peer is up.
+
+Shutdown (SIGTERM/SIGINT or control `shutdown`): links say `bye`, the broker session
+says `bye`, writers get a short grace period to flush, then everything is cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from emulator.wire import (
+    Address,
+    AppMsg,
+    AppStatus,
+    EprDelivered,
+    EprDone,
+    Error,
+    LinkInfo,
+    LocalProtocolError,
+    Message,
+    PeerDown,
+    PeerUp,
+    Probe,
+    ProbeAck,
+    RemoteProtocolError,
+    decode,
+    encode_datagram,
+)
+
+from .apps import APP_KINDS, AppContext, AppHost, HostBrokerRequest, HostPeerSend
+from .control import AuthFailed, ControlSession, ShutdownRequested
+from .qdevice import (
+    BrokerClosed,
+    EventReceived,
+    QDevice,
+    Registered,
+    RegistrationRefused,
+    ReplyReceived,
+    SessionState,
+)
+from .transport.link import (
+    LinkClosed,
+    LinkConnection,
+    LinkEstablished,
+    LinkRefused,
+    LinkRole,
+    LinkState,
+    MalformedInput,
+    MessageReceived,
+    PeerRejected,
+)
+from .transport.liveness import Liveness, LinkDown, LinkUp
+from .transport.shaper import DatagramShaper, ShaperConfig, StreamShaper, shaper_rng
+from .transport.tcp_io import LinkIO, Waker
+from .transport.udp_io import UdpEndpoint
+
+__all__ = ["BrokerUnavailable", "NodeOptions", "NodeRuntime", "RegistrationFailed"]
+
+log = logging.getLogger("nodes.runtime")
+
+_RECEIVE_BYTES = 256 * 1024
+_MAX_OUTBOX = 10_000  # app messages held per peer while its link is down
+_SHUTDOWN_FLUSH_S = 1.0
+_DIAL_BACKOFF_MAX_S = 2.0
+
+
+class RegistrationFailed(Exception):
+    """The broker refused this node (wrong token, unknown name, ...)."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached, or the session broke."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeOptions:
+    name: str
+    broker: tuple[str, int]
+    token: str = dataclasses.field(repr=False)
+    admin_token: str = dataclasses.field(repr=False)
+    host: str = "127.0.0.1"
+    data_dir: Path | None = None
+    probe_interval_s: float = 0.1  # wall seconds between liveness probes
+    probe_miss_limit: int = 3
+    connect_timeout_s: float = 10.0  # wall seconds to reach the broker and register
+    handshake_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass
+class _Peer:
+    info: LinkInfo
+    stream_config: ShaperConfig
+    udp_shaper: DatagramShaper
+    tcp: Address | None = None
+    udp: Address | None = None
+    generation: int = 0  # bumped on every peer_up/peer_down; stale dialers stop
+    link: LinkIO | None = None  # the open link, if any
+    outbox: deque[AppMsg] = dataclasses.field(default_factory=deque)
+    outbox_dropped: int = 0
+    totals: dict[str, int] = dataclasses.field(default_factory=dict)  # stats of closed connections
+    udp_in: int = 0
+    connects: int = 0
+
+
+_LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "malformed_in", "errors_in")
+
+
+class NodeRuntime:
+    """One node process. `await NodeRuntime(options).run()`; raises on fatal start-up errors."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.name = options.name
+        self.qdev = QDevice(options.name, options.token, capabilities=("epr", "apps"))
+        self.liveness = Liveness(options.name, interval_s=options.probe_interval_s, miss_limit=options.probe_miss_limit)
+        self.host: AppHost | None = None
+        self.peers: dict[str, _Peer] = {}
+        self.exit_code = 0
+        self.failure: str | None = None  # one-line reason when exit_code != 0
+        self._nursery: trio.Nursery | None = None
+        self._broker_stream: trio.SocketStream | None = None
+        self._broker_wake = Waker()
+        self._timer_wake = Waker()
+        self._shutdown = trio.Event()
+        self._broker_flushed = trio.Event()
+        self._closing = False
+        self._udp: UdpEndpoint | None = None
+        self._udp_unknown = 0
+        self._udp_malformed = 0
+        self._control_sessions = 0
+        self._control_unauthorized = 0
+        self._links_rejected = 0
+        self._incoming_links: set[LinkIO] = set()
+        self.tcp_address: Address = ("", 0)
+        self.udp_address: Address = ("", 0)
+        self.control_address: Address = ("", 0)
+
+    # ================================================================== ControlBackend
+
+    @property
+    def node_name(self) -> str:
+        return self.name
+
+    @property
+    def time_scale(self) -> float:
+        return self.qdev.time_scale
+
+    def start_app(self, kind: str, name: str, params: Mapping[str, Any], now: float) -> None:
+        assert self.host is not None
+        self.host.start_app(kind, name, params, now)
+        log.info("started app %s (%s)", name[:64], kind[:64])
+
+    def app_status(self, name: str) -> AppStatus:
+        assert self.host is not None
+        return self.host.status(name)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """The `stats` snapshot of the control endpoint:
+
+        links.<peer>: frames_in/out, bytes_in/out, malformed_in, errors_in (all connections
+          so far), connected (TCP link open), connects, state (liveness: up/down/unknown),
+          rtt_s (emulated) and rtt_wall_s (smoothed probe RTT), probes_sent, probe_acks,
+          udp_queued, udp_dropped (shaper loss), udp_received, outbox, outbox_dropped;
+        broker: requests, replies, errors, events, outstanding, malformed_in,
+          rtt_last_wall_s, rtt_mean_wall_s;
+        apps: {name: {kind, state}}; control: sessions, unauthorized;
+        udp: unknown_source, malformed, sent; links_rejected; app_messages_unroutable.
+        """
+        scale = self.qdev.time_scale
+        links: dict[str, Any] = {}
+        for peer_name, peer in self.peers.items():
+            counters = dict.fromkeys(_LINK_COUNTERS, 0)
+            for k, v in peer.totals.items():
+                counters[k] += v
+            if peer.link is not None:
+                for k, v in dataclasses.asdict(peer.link.core.statistics()).items():
+                    counters[k] += v
+            live = self.liveness.statistics(peer_name)
+            shaper_stats = peer.udp_shaper.statistics()
+            links[peer_name] = {
+                **counters,
+                "connected": peer.link is not None and peer.link.core.state is LinkState.OPEN,
+                "connects": peer.connects,
+                "state": live.state.value if live is not None else "unknown",
+                "rtt_s": live.rtt_smoothed_s / scale if live and live.rtt_smoothed_s is not None else None,
+                "rtt_wall_s": live.rtt_smoothed_s if live else None,
+                "probes_sent": live.probes_sent if live else 0,
+                "probe_acks": live.acks_received if live else 0,
+                "udp_queued": shaper_stats.queued,
+                "udp_dropped": shaper_stats.dropped,
+                "udp_received": peer.udp_in,
+                "outbox": len(peer.outbox),
+                "outbox_dropped": peer.outbox_dropped,
+            }
+        q = self.qdev.statistics()
+        host = self.host
+        return {
+            "node": self.name,
+            "links": links,
+            "broker": {
+                "requests": q.requests,
+                "replies": q.replies,
+                "errors": q.errors,
+                "events": q.events,
+                "outstanding": q.outstanding,
+                "malformed_in": q.malformed_in,
+                "rtt_last_wall_s": q.rtt_last_s,
+                "rtt_mean_wall_s": q.rtt_mean_s,
+            },
+            "apps": host.summary() if host is not None else {},
+            "app_messages_unroutable": host.dropped_peer_messages if host is not None else 0,
+            "control": {"sessions": self._control_sessions, "unauthorized": self._control_unauthorized},
+            "udp": {
+                "unknown_source": self._udp_unknown,
+                "malformed": self._udp_malformed,
+                "sent": self._udp.sent if self._udp else 0,
+            },
+            "links_rejected": self._links_rejected,
+        }
+
+    # ================================================================== clock
+
+    def _wall(self) -> float:
+        return trio.current_time()
+
+    def _em_now(self) -> float:
+        return self.qdev.emulated_now(trio.current_time())
+
+    # ================================================================== start-up
+
+    async def run(self) -> int:
+        """Bind, register, serve until shutdown. Returns the exit code (0 = clean)."""
+        host = self.options.host
+        if self.options.data_dir is not None:
+            self.options.data_dir.mkdir(parents=True, exist_ok=True)
+        link_listeners = await trio.open_tcp_listeners(0, host=host)
+        control_listeners = await trio.open_tcp_listeners(0, host=host)
+        self._udp = await UdpEndpoint.bind(host)
+        self.tcp_address = _listener_address(link_listeners)
+        self.control_address = _listener_address(control_listeners)
+        self.udp_address = self._udp.address
+        # Catch SIGTERM/SIGINT from the start: one arriving during registration is acted
+        # on as soon as the node runs (a clean exit), instead of killing the process.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signal_stream:
+            try:
+                await self._connect_and_register()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._broker_reader)
+                    nursery.start_soon(self._broker_writer)
+                    nursery.start_soon(self._timer_loop)
+                    nursery.start_soon(self._udp_reader)
+                    nursery.start_soon(self._udp.run_sender, self._udp_shapers)
+                    nursery.start_soon(trio.serve_listeners, self._serve_incoming_link, link_listeners)
+                    nursery.start_soon(trio.serve_listeners, self._serve_control, control_listeners)
+                    nursery.start_soon(self._watch_signals, signal_stream)
+                    self._pump()  # peer_up events that came with the welcome
+                    await self._shutdown.wait()
+                    await self._graceful_close()
+                    nursery.cancel_scope.cancel()
+            finally:
+                for listener in (*link_listeners, *control_listeners):
+                    with trio.CancelScope(shield=True):
+                        await listener.aclose()
+                self._udp.close()
+                if self._broker_stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._broker_stream.aclose()
+        return self.exit_code
+
+    async def _connect_and_register(self) -> None:
+        host, port = self.options.broker
+        deadline = trio.current_time() + self.options.connect_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                self._broker_stream = await trio.open_tcp_stream(host, port)
+                break
+            except OSError as exc:
+                if trio.current_time() + delay > deadline:
+                    raise BrokerUnavailable(f"cannot connect to the broker at {host}:{port}: {exc.strerror or exc}") from None
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self.qdev.register(tcp=self.tcp_address, udp=self.udp_address, control=self.control_address, now=self._wall())
+        stream = self._broker_stream
+        await stream.send_all(self.qdev.data_to_send())
+        with trio.move_on_at(deadline) as scope:
+            while self.qdev.state is SessionState.REGISTERING:
+                try:
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                self.qdev.receive_data(data, self._wall())
+                # Look only at the registration outcome; later events stay queued for _pump.
+                if self.qdev.state is SessionState.CLOSED:
+                    event = self.qdev.next_event()
+                    if isinstance(event, RegistrationRefused):
+                        raise RegistrationFailed(f"broker refused registration: {event.code}: {event.message[:200]}")
+                    raise BrokerUnavailable("the broker closed the connection during registration")
+        if scope.cancelled_caught:
+            raise BrokerUnavailable(f"no welcome from the broker within {self.options.connect_timeout_s:g} s")
+        event = self.qdev.next_event()
+        assert isinstance(event, Registered)
+        self._on_registered(event.welcome.links)
+
+    def _on_registered(self, links: Iterable[LinkInfo]) -> None:
+        welcome = self.qdev.welcome
+        assert welcome is not None
+        for info in links:
+            config = ShaperConfig.from_link(info, welcome.time_scale)
+            self.peers[info.peer] = _Peer(
+                info=info,
+                stream_config=config,
+                udp_shaper=DatagramShaper(config, shaper_rng(welcome.seed, info.peer, "udp")),
+            )
+        link_map = {info.peer: info for info in welcome.links}
+
+        def context(app_name: str) -> AppContext:
+            return AppContext(
+                node=self.name,
+                name=app_name,
+                seed=welcome.seed,
+                time_scale=welcome.time_scale,
+                memory_qubits=welcome.memory_qubits,
+                links=link_map,
+            )
+
+        self.host = AppHost(APP_KINDS, context)
+        log.info(
+            "registered as %s (time_scale %g, %d links); tcp %s:%d udp %s:%d control %s:%d",
+            self.name,
+            welcome.time_scale,
+            len(link_map),
+            *self.tcp_address,
+            *self.udp_address,
+            *self.control_address,
+        )
+
+    # ================================================================== the pump
+
+    def _pump(self) -> None:
+        """Drain every sans-IO output after an input; wake whoever has to write."""
+        host = self.host
+        assert host is not None
+        for _ in range(10_000):
+            moved = False
+            while (event := self.qdev.next_event()) is not None:
+                moved = True
+                self._on_qdevice_event(event)
+            while (action := host.next_action()) is not None:
+                moved = True
+                if isinstance(action, HostBrokerRequest):
+                    if self.qdev.state is not SessionState.REGISTERED:
+                        continue
+                    try:
+                        self.qdev.request(action.message, self._wall(), tag=("app", action.tag))
+                    except LocalProtocolError as exc:  # the app built a message the wire refuses
+                        host.handle_broker_reply(action.tag, Error.of(exc.code, exc.message), self._em_now())
+                elif isinstance(action, HostPeerSend):
+                    self._send_peer(action.peer, action.message)
+            if not moved:
+                break
+        self._broker_wake.wake()
+        self._timer_wake.wake()
+
+    def _on_qdevice_event(self, event: object) -> None:
+        host = self.host
+        assert host is not None
+        if isinstance(event, ReplyReceived):
+            tag = event.tag
+            if isinstance(tag, tuple) and len(tag) == 2 and tag[0] == "app":
+                host.handle_broker_reply(tag[1], event.message, self._em_now())
+        elif isinstance(event, EventReceived):
+            msg = event.message
+            if isinstance(msg, EprDelivered | EprDone):
+                host.handle_broker_event(msg, self._em_now())
+            elif isinstance(msg, PeerUp):
+                self._on_peer_up(msg)
+            elif isinstance(msg, PeerDown):
+                self._on_peer_down(msg.node)
+            else:
+                log.debug("broker event %s", msg.TYPE)
+        elif isinstance(event, BrokerClosed):
+            if not self._closing:
+                log.error("broker session ended: %s", event.reason)
+                self.exit_code = 3
+                self.failure = f"lost the broker: {event.reason}"
+                self._shutdown.set()
+
+    # ================================================================== peers and links
+
+    def _on_peer_up(self, msg: PeerUp) -> None:
+        peer = self.peers.get(msg.node)
+        if peer is None:
+            log.debug("peer_up for %s, not a neighbour", msg.node[:64])
+            return
+        peer.generation += 1
+        peer.tcp = (msg.tcp[0], msg.tcp[1])
+        peer.udp = (msg.udp[0], msg.udp[1])
+        self.liveness.add_peer(msg.node, self._wall())
+        log.info("peer %s up (tcp %s:%d)", msg.node, *peer.tcp)
+        if self.name < msg.node and self._nursery is not None:
+            if peer.link is not None:
+                peer.link.core.close(self._wall())
+                peer.link.wake()
+            self._nursery.start_soon(self._dial, msg.node, peer.generation)
+
+    def _on_peer_down(self, name: str) -> None:
+        peer = self.peers.get(name)
+        if peer is None:
+            return
+        peer.generation += 1
+        peer.tcp = peer.udp = None
+        self.liveness.remove_peer(name)
+        if peer.link is not None:
+            peer.link.core.close(self._wall())
+            peer.link.wake()
+        log.info("peer %s down", name)
+
+    def _stream_shaper(self, peer_name: str) -> StreamShaper | None:
+        peer = self.peers.get(peer_name)
+        welcome = self.qdev.welcome
+        if peer is None or welcome is None:
+            return None
+        return StreamShaper(peer.stream_config, shaper_rng(welcome.seed, peer_name, "tcp"))
+
+    async def _dial(self, peer_name: str, generation: int) -> None:
+        delay = 0.05
+        while not self._closing:
+            peer = self.peers[peer_name]
+            if peer.generation != generation or peer.tcp is None:
+                return
+            try:
+                stream = await trio.open_tcp_stream(*peer.tcp)
+            except OSError as exc:
+                log.debug("dial %s failed: %s", peer_name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _DIAL_BACKOFF_MAX_S)
+                continue
+            shaper = self._stream_shaper(peer_name)
+            assert shaper is not None
+            core = LinkConnection(
+                LinkRole.DIALER, local_node=self.name, token=self.options.token, peer=peer_name, shaper=shaper
+            )
+            core.initiate(self._wall())
+            link = LinkIO(core, stream, self._on_link_input)
+            try:
+                await link.run(handshake_timeout_s=self.options.handshake_timeout_s)
+            except Exception:  # a bug on one connection must not take the node down
+                log.exception("link connection to %s failed", peer_name)
+            if link.refused:
+                return  # the peer said no (e.g. unauthorized): retrying cannot help
+            delay = 0.05
+            await trio.sleep(delay)
+
+    async def _serve_incoming_link(self, stream: trio.SocketStream) -> None:
+        core = LinkConnection(
+            LinkRole.LISTENER, local_node=self.name, token=self.options.token, shaper_factory=self._stream_shaper
+        )
+        link = LinkIO(core, stream, self._on_link_input)
+        self._incoming_links.add(link)
+        try:
+            await link.run(handshake_timeout_s=self.options.handshake_timeout_s)
+        except Exception:  # a bug on one connection must not take the node down
+            log.exception("link connection failed")
+        finally:
+            self._incoming_links.discard(link)
+
+    def _on_link_input(self, link: LinkIO) -> None:
+        core = link.core
+        while (event := core.next_event()) is not None:
+            if isinstance(event, LinkEstablished):
+                peer = self.peers[event.peer]
+                old = peer.link
+                if old is not None and old is not link:
+                    old.core.close(self._wall())
+                    old.wake()
+                    self._retire(peer, old)
+                peer.link = link
+                peer.connects += 1
+                log.info("link to %s established (%s)", event.peer, core.role.value)
+                pending = list(peer.outbox)
+                peer.outbox.clear()
+                for message in pending:
+                    self._send_peer(event.peer, message)
+            elif isinstance(event, MessageReceived):
+                assert self.host is not None
+                self.host.handle_peer_message(event.peer, event.message, self._em_now())
+            elif isinstance(event, PeerRejected):
+                self._links_rejected += 1
+                log.warning("refused a link from %r: %s", (event.claimed_node or "?")[:64], event.code.value)
+            elif isinstance(event, LinkRefused):
+                link.refused = True
+                log.error("link to %s refused by the peer: %s: %s", core.peer, event.code, event.message[:200])
+            elif isinstance(event, MalformedInput):
+                log.warning("malformed input on the link to %s: %s", core.peer or "?", event.code.value)
+            elif isinstance(event, LinkClosed):
+                if core.peer is not None:
+                    peer = self.peers.get(core.peer)
+                    if peer is not None and peer.link is link:
+                        self._retire(peer, link)
+                        peer.link = None
+                        log.info("link to %s closed: %s", core.peer, event.reason)
+        link.wake()
+        self._pump()
+
+    def _retire(self, peer: _Peer, link: LinkIO) -> None:
+        """Fold a finished connection's counters into the peer's totals (once)."""
+        if link.counted:
+            return
+        link.counted = True
+        for k, v in dataclasses.asdict(link.core.statistics()).items():
+            peer.totals[k] = peer.totals.get(k, 0) + v
+
+    def _send_peer(self, peer_name: str, message: AppMsg) -> None:
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            return
+        link = peer.link
+        if link is not None and link.core.state is LinkState.OPEN:
+            try:
+                link.core.send(message, self._wall())
+            except LocalProtocolError as exc:
+                log.error("dropped an app_msg for %s (%s): %s", peer_name, message.app[:64], exc)
+                return
+            link.wake()
+            return
+        if len(peer.outbox) >= _MAX_OUTBOX:
+            peer.outbox.popleft()
+            peer.outbox_dropped += 1
+        peer.outbox.append(message)
+
+    # ================================================================== broker I/O
+
+    async def _broker_reader(self) -> None:
+        stream = self._broker_stream
+        assert stream is not None
+        while True:
+            try:
+                data = await stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self.qdev.receive_data(data, self._wall())
+            self._pump()
+            if not data:
+                return
+
+    async def _broker_writer(self) -> None:
+        stream = self._broker_stream
+        assert stream is not None
+        while True:
+            data = self.qdev.data_to_send()
+            if data:
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.qdev.connection_lost()
+                    self._broker_flushed.set()
+                    self._pump()
+                    return
+                continue
+            if self._closing:
+                self._broker_flushed.set()  # our `bye` is out
+            await self._broker_wake.wait()
+
+    # ================================================================== timers
+
+    async def _timer_loop(self) -> None:
+        assert self.host is not None
+        while True:
+            deadline = math.inf
+            live_t = self.liveness.get_timer()
+            if live_t is not None:
+                deadline = live_t
+            app_t = self.host.get_timer()
+            if app_t is not None:
+                deadline = min(deadline, self.qdev.wall_time_of(app_t))
+            await self._timer_wake.wait(deadline)
+            now = self._wall()
+            live_t = self.liveness.get_timer()
+            if live_t is not None and live_t <= now:
+                self.liveness.handle_timer(now)
+                self._flush_probes()
+            app_t = self.host.get_timer()
+            if app_t is not None and self.qdev.wall_time_of(app_t) <= now:
+                # max(): float rounding must not leave the app one ulp before its own timer.
+                self.host.handle_timer(max(self.qdev.emulated_now(now), app_t))
+                self._pump()
+
+    # ================================================================== UDP
+
+    def _udp_shapers(self) -> Iterable[DatagramShaper]:
+        return [p.udp_shaper for p in self.peers.values()]
+
+    def _send_datagram(self, peer_name: str, message: Message) -> None:
+        peer = self.peers.get(peer_name)
+        if peer is None or peer.udp is None or self._udp is None:
+            return
+        self._udp.queue(peer.udp_shaper, encode_datagram(message), peer.udp, self._wall())
+
+    def _flush_probes(self) -> None:
+        for peer_name, probe in self.liveness.probes_to_send():
+            self._send_datagram(peer_name, probe)
+        self._liveness_events()
+
+    def _liveness_events(self) -> None:
+        while (event := self.liveness.next_event()) is not None:
+            if isinstance(event, LinkUp):
+                log.info("link to %s is up (probes answered)", event.peer)
+            elif isinstance(event, LinkDown):
+                log.warning("link to %s is down (%d probes unanswered)", event.peer, self.liveness.miss_limit)
+
+    def _peer_of_address(self, address: tuple[str, int]) -> str | None:
+        for name, peer in self.peers.items():
+            if peer.udp is not None and peer.udp[1] == address[1] and (peer.udp[0] == address[0] or peer.udp[0] in ("localhost", "0.0.0.0", "::")):
+                return name
+        return None
+
+    async def _udp_reader(self) -> None:
+        assert self._udp is not None
+        while True:
+            try:
+                data, address = await self._udp.receive()
+            except OSError:
+                continue  # e.g. ICMP unreachable reported on the socket
+            peer_name = self._peer_of_address(address)
+            if peer_name is None:
+                self._udp_unknown += 1
+                continue
+            peer = self.peers[peer_name]
+            peer.udp_in += 1
+            try:
+                msg = decode(data).message
+            except RemoteProtocolError:
+                self._udp_malformed += 1  # datagrams get no answer: dropped and counted
+                continue
+            if isinstance(msg, Probe) and msg.node == peer_name:
+                self._send_datagram(peer_name, self.liveness.receive_probe(msg))
+            elif isinstance(msg, ProbeAck):
+                self.liveness.receive_ack(peer_name, msg, self._wall())
+                self._liveness_events()
+            else:
+                self._udp_malformed += 1
+
+    # ================================================================== control
+
+    async def _serve_control(self, stream: trio.SocketStream) -> None:
+        self._control_sessions += 1
+        session = ControlSession(self, self.options.admin_token)
+        try:
+            while True:
+                try:
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                session.receive_data(data, self._em_now())
+                shutdown = False
+                while (event := session.next_event()) is not None:
+                    if isinstance(event, AuthFailed):
+                        self._control_unauthorized += 1
+                        log.warning("control: authentication failed (client %r)", (event.client or "?")[:64])
+                    elif isinstance(event, ShutdownRequested):
+                        shutdown = True
+                self._pump()
+                out = session.data_to_send()
+                if out:
+                    try:
+                        await stream.send_all(out)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                if shutdown:
+                    log.info("control: shutdown requested")
+                    self._shutdown.set()
+                if session.should_close() or not data:
+                    return
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # ================================================================== shutdown
+
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self._shutdown.set()
+            return
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def _graceful_close(self) -> None:
+        self._closing = True
+        now = self._wall()
+        links = [p.link for p in self.peers.values() if p.link is not None] + list(self._incoming_links)
+        for link in links:
+            link.core.close(now)
+            link.wake()
+        self.qdev.close()
+        self._broker_wake.wake()
+        with trio.move_on_after(_SHUTDOWN_FLUSH_S):
+            await self._broker_flushed.wait()
+            while any(not link.core.should_close() for link in links):
+                await trio.sleep(0.01)
+        log.info("node %s stopped", self.name)
+
+
+def _listener_address(listeners: list[trio.SocketListener]) -> Address:
+    host, port = listeners[0].socket.getsockname()[:2]
+    return host, port
+
