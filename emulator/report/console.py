@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 __all__ = ["RunProgress", "format_metric", "print_summary", "summary_tables"]
@@ -62,6 +62,7 @@ class RunProgress:
         self._live = live
         self._duration_s = duration_s
         self._tasks: dict[str, TaskID] = {}
+        self._totals: dict[str, int] = dict(apps)
         self._clock_task: TaskID | None = None
         self._progress: Progress | None = None
         if not live:
@@ -69,7 +70,7 @@ class RunProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description:<20}"),
             BarColumn(bar_width=30),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[count]:>13}"),  # "measured/requested" for apps, blank for the clock
             TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             console=console,
@@ -77,10 +78,12 @@ class RunProgress:
             refresh_per_second=5,
         )
         self._clock_task = self._progress.add_task(
-            "emulated time", total=max(duration_s, 1e-9), note="waiting for nodes", start=True
+            "emulated time", total=max(duration_s, 1e-9), note="waiting for nodes", count="", start=True
         )
         for name, total in apps:
-            self._tasks[name] = self._progress.add_task(name, total=max(total, 1), note="pending")
+            self._tasks[name] = self._progress.add_task(
+                name, total=max(total, 1), note="pending", count=f"0/{total}"
+            )
 
     def __enter__(self) -> RunProgress:
         if self._progress is not None:
@@ -120,6 +123,7 @@ class RunProgress:
         fields: dict[str, Any] = {"note": note}
         if measured is not None:
             fields["completed"] = measured
+            fields["count"] = f"{measured}/{self._totals[name]}"
         self._progress.update(self._tasks[name], **fields)
 
 
