@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import trio
 
 from emulator.kernels import BACKEND_NAMES, KernelBuildError, get_backend
-from emulator.scenario import ScenarioError, scenario_from_dict
+from emulator.scenario import ScenarioError, load_scenario, scenario_from_dict
 
 from .config import BrokerConfig, ConfigError
 from .core import BrokerCore
@@ -40,7 +40,7 @@ _MAX_SCENARIO_JSON_BYTES = 4 << 20
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emulator.broker", description="qnetem quantum-channel broker")
-    p.add_argument("--scenario", required=True, help="scenario JSON (scenario_to_dict output)")
+    p.add_argument("--scenario", required=True, help="scenario: YAML as written by users, or the JSON a run directory holds")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
     p.add_argument("--port-file", help="write the bound port here (atomically)")
@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(path: str) -> BrokerConfig:
-    """Read and validate a scenario JSON file into a `BrokerConfig` (ScenarioError/ConfigError/OSError)."""
+    """Read and validate a scenario (YAML, or JSON from `scenario_to_dict`) into a `BrokerConfig`.
+
+    Raises ScenarioError, ConfigError or OSError.
+    """
+    if path.endswith((".yaml", ".yml")):  # plugfests start a broker straight from the scenario file
+        return BrokerConfig.from_scenario(load_scenario(path))
     with open(path, "rb") as f:
         raw = f.read(_MAX_SCENARIO_JSON_BYTES + 1)
     if len(raw) > _MAX_SCENARIO_JSON_BYTES:
