@@ -83,6 +83,18 @@ int qnetem_probability(const qnetem_c128 *rho, int n_qubits, int qubit, int basi
 int qnetem_measure(qnetem_c128 *rho, int n_qubits, int qubit, int basis, double r,
                    int *outcome_out, double *prob_out);
 
+/* Batched measurement of `count` separate registers of n_qubits each, stored back to back
+ * in `rhos` (count * 4^n elements): item i measures qubit qubits[i] of register i in
+ * bases[i] with draw rs[i], exactly as qnetem_measure does (rho collapsed in place,
+ * outcomes_out[i], probs_out[i]). If rest_out is not NULL (n_qubits >= 2), it receives
+ * count matrices of n_qubits - 1 qubits: register i with its measured qubit traced out,
+ * exactly as qnetem_partial_trace computes it. Every argument and every outcome weight is
+ * checked before any rho is written: on error no register has changed. One call replaces
+ * 2 * count calls for the broker's typical measure of many heralded pairs. */
+int qnetem_measure_batch(qnetem_c128 *rhos, int n_qubits, int count, const int *qubits,
+                         const int *bases, const double *rs, int *outcomes_out,
+                         double *probs_out, qnetem_c128 *rest_out);
+
 /* out (2^(n-n_remove) squared) <- Tr_{remove} rho; kept qubits keep their order. */
 int qnetem_partial_trace(const qnetem_c128 *rho, int n_qubits, const int *remove,
                          int n_remove, qnetem_c128 *out);

@@ -242,18 +242,16 @@ int qnetem_probability(const qnetem_c128 *rho, int n_qubits, int qubit, int basi
     return QNETEM_OK;
 }
 
-int qnetem_measure(qnetem_c128 *rho, int n_qubits, int qubit, int basis, double r,
-                   int *outcome_out, double *prob_out) {
-    int rc = check_register(rho, n_qubits);
-    cplx red[4], e[2], proj[4];
+/* Draw the outcome of measuring `qubit` in `basis` with draw r: *outcome_out, the
+ * probability it was drawn with (*prob_out), the weight actually projected out (*weight_out)
+ * and its eigenvector e. Reads rho only. */
+static int measure_decide(const cplx *rho, int n_qubits, int qubit, int basis, double r,
+                          int *outcome_out, double *prob_out, double *weight_out, cplx e[2]) {
+    cplx red[4];
     double p0, weight;
-    int outcome, i, j;
-    if (rc) return rc;
-    if (outcome_out == NULL || prob_out == NULL) return QNETEM_ERR_NULL;
-    if ((rc = check_qubit(n_qubits, qubit))) return rc;
+    int outcome, rc;
     if (!(r >= 0.0 && r < 1.0)) return QNETEM_ERR_ARG;
     if ((rc = basis_vector(basis, 0, e))) return rc;
-
     reduced_1q(rho, n_qubits, qubit, red);
     p0 = clamp01(expectation(red, e));
     outcome = (r < p0) ? 0 : 1;
@@ -263,62 +261,68 @@ int qnetem_measure(qnetem_c128 *rho, int n_qubits, int qubit, int basis, double 
      * outcome was drawn with. */
     weight = expectation(red, e);
     if (!(weight > 0.0)) return QNETEM_ERR_ZERO_PROB;
+    *outcome_out = outcome;
+    *prob_out = outcome ? 1.0 - p0 : p0;
+    *weight_out = weight;
+    return QNETEM_OK;
+}
 
-    /* Post-measurement state (Nielsen & Chuang section 2.4.1, projective case):
-     * rho' = P rho P / w with P = |e><e| (x) I. Blockwise: M -> |e> <e|M|e> <e| / w. */
+/* Post-measurement state (Nielsen & Chuang section 2.4.1, projective case):
+ * rho' = P rho P / w with P = |e><e| (x) I. Blockwise: M -> |e> <e|M|e> <e| / w. */
+static void measure_collapse(cplx *rho, int n_qubits, int qubit, const cplx e[2], double weight) {
+    const size_t d = (size_t)1 << n_qubits;
+    const size_t m = (size_t)1 << (unsigned)(n_qubits - 1 - qubit);
+    const double inv_w = 1.0 / weight;
+    const cplx ce0 = c_conj(e[0]), ce1 = c_conj(e[1]);
+    cplx proj[4];
+    size_t rh, rl, ch, cl;
+    int i, j;
     for (i = 0; i < 2; ++i)
         for (j = 0; j < 2; ++j) proj[2 * i + j] = c_mul(e[i], c_conj(e[j]));
-    {
-        const size_t d = (size_t)1 << n_qubits;
-        const size_t m = (size_t)1 << (unsigned)(n_qubits - 1 - qubit);
-        const double inv_w = 1.0 / weight;
-        const cplx ce0 = c_conj(e[0]), ce1 = c_conj(e[1]);
-        size_t rh, rl, ch, cl;
-        for (rh = 0; rh < d; rh += 2 * m) {
-            for (rl = 0; rl < m; ++rl) {
-                cplx *row0 = rho + (rh + rl) * d;
-                cplx *row1 = row0 + m * d;
-                for (ch = 0; ch < d; ch += 2 * m) {
-                    for (cl = 0; cl < m; ++cl) {
-                        const size_t c0 = ch + cl, c1 = c0 + m;
-                        /* s = <e| M |e> / w */
-                        const cplx v0 = c_add(c_mul(row0[c0], e[0]), c_mul(row0[c1], e[1]));
-                        const cplx v1 = c_add(c_mul(row1[c0], e[0]), c_mul(row1[c1], e[1]));
-                        const cplx s = c_scale(c_add(c_mul(ce0, v0), c_mul(ce1, v1)), inv_w);
-                        row0[c0] = c_mul(proj[0], s);
-                        row0[c1] = c_mul(proj[1], s);
-                        row1[c0] = c_mul(proj[2], s);
-                        row1[c1] = c_mul(proj[3], s);
-                    }
+    for (rh = 0; rh < d; rh += 2 * m) {
+        for (rl = 0; rl < m; ++rl) {
+            cplx *row0 = rho + (rh + rl) * d;
+            cplx *row1 = row0 + m * d;
+            for (ch = 0; ch < d; ch += 2 * m) {
+                for (cl = 0; cl < m; ++cl) {
+                    const size_t c0 = ch + cl, c1 = c0 + m;
+                    /* s = <e| M |e> / w */
+                    const cplx v0 = c_add(c_mul(row0[c0], e[0]), c_mul(row0[c1], e[1]));
+                    const cplx v1 = c_add(c_mul(row1[c0], e[0]), c_mul(row1[c1], e[1]));
+                    const cplx s = c_scale(c_add(c_mul(ce0, v0), c_mul(ce1, v1)), inv_w);
+                    row0[c0] = c_mul(proj[0], s);
+                    row0[c1] = c_mul(proj[1], s);
+                    row1[c0] = c_mul(proj[2], s);
+                    row1[c1] = c_mul(proj[3], s);
                 }
             }
         }
     }
-    *outcome_out = outcome;
-    *prob_out = outcome ? 1.0 - p0 : p0;
+}
+
+int qnetem_measure(qnetem_c128 *rho, int n_qubits, int qubit, int basis, double r,
+                   int *outcome_out, double *prob_out) {
+    int rc = check_register(rho, n_qubits);
+    cplx e[2];
+    double weight;
+    if (rc) return rc;
+    if (outcome_out == NULL || prob_out == NULL) return QNETEM_ERR_NULL;
+    if ((rc = check_qubit(n_qubits, qubit))) return rc;
+    if ((rc = measure_decide(rho, n_qubits, qubit, basis, r, outcome_out, prob_out, &weight, e)))
+        return rc;
+    measure_collapse(rho, n_qubits, qubit, e, weight);
     return QNETEM_OK;
 }
 
 /* --------------------------------------------------------------- reductions, tensor -- */
 
-int qnetem_partial_trace(const qnetem_c128 *rho, int n_qubits, const int *remove,
-                         int n_remove, qnetem_c128 *out) {
-    int rc = check_register(rho, n_qubits);
-    size_t d, rm_mask = 0, keep_mask, dk, oi, ri;
-    int i;
-    if (rc) return rc;
-    if (out == NULL || (n_remove > 0 && remove == NULL)) return QNETEM_ERR_NULL;
-    if (n_remove < 0 || n_remove > n_qubits) return QNETEM_ERR_ARG;
-    for (i = 0; i < n_remove; ++i) {
-        size_t bit;
-        if ((rc = check_qubit(n_qubits, remove[i]))) return rc;
-        bit = (size_t)1 << (unsigned)(n_qubits - 1 - remove[i]);
-        if (rm_mask & bit) return QNETEM_ERR_SAME_QUBIT;
-        rm_mask |= bit;
-    }
-    d = (size_t)1 << n_qubits;
-    keep_mask = (d - 1) & ~rm_mask;
-    dk = (size_t)1 << (unsigned)(n_qubits - n_remove);
+/* out <- Tr over the qubits whose bits are set in rm_mask (arguments already checked). */
+static void trace_out_mask(const cplx *rho, int n_qubits, size_t rm_mask, cplx *out) {
+    const size_t d = (size_t)1 << n_qubits;
+    const size_t keep_mask = (d - 1) & ~rm_mask;
+    size_t n_kept_bits = 0, bits, dk, oi, ri;
+    for (bits = keep_mask; bits; bits &= bits - 1) ++n_kept_bits;
+    dk = (size_t)1 << n_kept_bits;
 
     /* out[i, j] = sum_t rho[keep(i) | t, keep(j) | t] (Nielsen & Chuang section 2.4.3). */
     oi = 0;
@@ -339,6 +343,60 @@ int qnetem_partial_trace(const qnetem_c128 *rho, int n_qubits, const int *remove
         ++oi;
         ri = (ri - keep_mask) & keep_mask;
     } while (ri != 0);
+}
+
+int qnetem_partial_trace(const qnetem_c128 *rho, int n_qubits, const int *remove,
+                         int n_remove, qnetem_c128 *out) {
+    int rc = check_register(rho, n_qubits);
+    size_t rm_mask = 0;
+    int i;
+    if (rc) return rc;
+    if (out == NULL || (n_remove > 0 && remove == NULL)) return QNETEM_ERR_NULL;
+    if (n_remove < 0 || n_remove > n_qubits) return QNETEM_ERR_ARG;
+    for (i = 0; i < n_remove; ++i) {
+        size_t bit;
+        if ((rc = check_qubit(n_qubits, remove[i]))) return rc;
+        bit = (size_t)1 << (unsigned)(n_qubits - 1 - remove[i]);
+        if (rm_mask & bit) return QNETEM_ERR_SAME_QUBIT;
+        rm_mask |= bit;
+    }
+    trace_out_mask(rho, n_qubits, rm_mask, out);
+    return QNETEM_OK;
+}
+
+int qnetem_measure_batch(qnetem_c128 *rhos, int n_qubits, int count, const int *qubits,
+                         const int *bases, const double *rs, int *outcomes_out,
+                         double *probs_out, qnetem_c128 *rest_out) {
+    int rc = check_register(rhos, n_qubits);
+    size_t d2, rest_d2;
+    double weight;
+    cplx e[2];
+    int i;
+    if (rc) return rc;
+    if (qubits == NULL || bases == NULL || rs == NULL || outcomes_out == NULL || probs_out == NULL)
+        return QNETEM_ERR_NULL;
+    if (count < 0 || (rest_out != NULL && n_qubits < 2)) return QNETEM_ERR_ARG;
+    d2 = (size_t)1 << (2u * (unsigned)n_qubits);
+    rest_d2 = d2 >> 2;
+    /* Phase 1: decide every outcome, writing no register (all-or-nothing on error). */
+    for (i = 0; i < count; ++i) {
+        if ((rc = check_qubit(n_qubits, qubits[i]))) return rc;
+        if ((rc = measure_decide(rhos + (size_t)i * d2, n_qubits, qubits[i], bases[i], rs[i],
+                                 &outcomes_out[i], &probs_out[i], &weight, e)))
+            return rc;
+    }
+    /* Phase 2: the same decision again (a pure function of the unchanged rho), then the
+     * same collapse and partial trace as qnetem_measure + qnetem_partial_trace. */
+    for (i = 0; i < count; ++i) {
+        cplx *rho = rhos + (size_t)i * d2;
+        int outcome;
+        double prob;
+        measure_decide(rho, n_qubits, qubits[i], bases[i], rs[i], &outcome, &prob, &weight, e);
+        measure_collapse(rho, n_qubits, qubits[i], e, weight);
+        if (rest_out != NULL)
+            trace_out_mask(rho, n_qubits, (size_t)1 << (unsigned)(n_qubits - 1 - qubits[i]),
+                           rest_out + (size_t)i * rest_d2);
+    }
     return QNETEM_OK;
 }
 

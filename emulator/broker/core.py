@@ -169,6 +169,7 @@ log = logging.getLogger("emulator.broker")
 
 _INT63_MASK = (1 << 63) - 1
 _UNITARY_ATOL = 1e-9  # |U U^dagger - I| tolerated for a `unitary` matrix (float64 round-off)
+_ROTATION_CACHE_SIZE = 1024  # distinct (gate, angle) matrices kept; apps reuse a few angles
 
 
 class SessionState(enum.Enum):
@@ -393,6 +394,9 @@ class BrokerCore:
         self._timers: list[tuple[float, int, _Kind, Any]] = []
         self._timer_seq = itertools.count()
         self._dirty_requests: dict[int, _EprRequest] = {}  # requests with an unsent batch
+        # Rotation matrices by (gate, angle bits): building one with numpy costs more than
+        # applying it, and a circuit typically repeats a handful of angles thousands of times.
+        self._rotations: dict[tuple[str, float, bool], np.ndarray] = {}
 
         # counters
         self._sessions_total = 0
@@ -826,7 +830,15 @@ class BrokerCore:
             theta = op.params[0]
             if not math.isfinite(theta):
                 raise _fail(ErrorCode.BAD_FIELD, f"gate {op.name!r}: parameter must be finite")
-            return rotation(op.name[1], theta)  # "rx" -> axis "x"
+            key = (op.name, theta, math.copysign(1.0, theta) < 0)  # -0.0 and 0.0 kept apart
+            u = self._rotations.get(key)
+            if u is None:
+                if len(self._rotations) >= _ROTATION_CACHE_SIZE:
+                    self._rotations.clear()
+                u = rotation(op.name[1], theta)  # "rx" -> axis "x"
+                u.setflags(write=False)
+                self._rotations[key] = u
+            return u
         return GATES[op.name.upper()]
 
     def _apply(self, node: _Node, qubits: list[int] | tuple[int, ...], u: np.ndarray) -> None:
@@ -962,10 +974,10 @@ class BrokerCore:
             raise _fail(ErrorCode.BAD_FIELD, "field 'bases': codes are 0=Z, 1=X, 2=Y") from None
         for q in qs:
             self._owned(node, q)
-        outcomes = np.empty(len(qs), dtype=np.uint8)
-        for i, (q, basis) in enumerate(zip(qs, bases, strict=True)):
-            self._refresh(node, q, now)
-            outcomes[i] = self.registry.measure(q, basis, float(node.rng.random()))
+        # One uniform draw per qubit, in order (Generator.random(n) yields the same numbers
+        # as n calls); the registry measures the batch in as few kernel calls as it can.
+        draws = node.rng.random(len(qs))
+        outcomes = self.registry.measure_many(qs, bases, draws, before=lambda q: self._refresh(node, q, now))
         if msg.free:
             self._release(node, qs, now)
         self._send(s, Measured(outcomes=outcomes, now_s=now), env.id)

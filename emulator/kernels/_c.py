@@ -104,6 +104,26 @@ class CBackend(CheckedBackend):
         _check(rc, "qnetem_measure")
         return int(outcome[0]), float(prob[0])
 
+    def _impl_measure_batch(
+        self, rhos: np.ndarray, n: int, qubits: np.ndarray, bases: np.ndarray, rs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        count = rhos.shape[0]
+        outcomes = np.empty(count, dtype=np.intc)
+        probs = np.empty(count, dtype=np.float64)
+        rest = None if n == 1 else np.empty((count, 1 << (n - 1), 1 << (n - 1)), dtype=np.complex128)
+        if count:
+            ffi = self._ffi
+            rc = self._lib.qnetem_measure_batch(
+                self._c128(rhos, writable=True), n, count,
+                ffi.from_buffer("int[]", qubits), ffi.from_buffer("int[]", bases),
+                ffi.from_buffer("double[]", rs),
+                ffi.from_buffer("int[]", outcomes, require_writable=True),
+                ffi.from_buffer("double[]", probs, require_writable=True),
+                ffi.NULL if rest is None else self._c128(rest, writable=True),
+            )  # fmt: skip
+            _check(rc, "qnetem_measure_batch")
+        return outcomes.astype(np.uint8), probs, rest
+
     def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:
         dk = 1 << (n - len(remove))
         out = np.empty((dk, dk), dtype=np.complex128)

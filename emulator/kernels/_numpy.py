@@ -160,6 +160,31 @@ class NumpyBackend(CheckedBackend):
         rho *= 1.0 / weight
         return outcome, (1.0 - p0) if outcome else p0
 
+    def _impl_measure_batch(
+        self, rhos: np.ndarray, n: int, qubits: np.ndarray, bases: np.ndarray, rs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        count = rhos.shape[0]
+        # All outcomes first, so that a zero-weight outcome leaves every register as it was.
+        decided = []
+        for i in range(count):
+            red = _reduced_1q(rhos[i], n, int(qubits[i]))
+            basis = Basis(int(bases[i]))
+            p0 = _clamp01(_expectation(red, _EIGVECS[basis][0]))
+            outcome = 0 if rs[i] < p0 else 1
+            if not _expectation(red, _EIGVECS[basis][outcome]) > 0.0:
+                raise KernelError(f"measurement outcome {outcome} has zero weight: cannot renormalise")
+            decided.append(outcome)
+        outcomes = np.empty(count, dtype=np.uint8)
+        probs = np.empty(count, dtype=np.float64)
+        rest = None if n == 1 else np.empty((count, 1 << (n - 1), 1 << (n - 1)), dtype=np.complex128)
+        for i in range(count):
+            outcome, prob = self._impl_measure(rhos[i], n, int(qubits[i]), Basis(int(bases[i])), float(rs[i]))
+            assert outcome == decided[i]
+            outcomes[i], probs[i] = outcome, prob
+            if rest is not None:
+                rest[i] = self._impl_partial_trace(rhos[i], n, (int(qubits[i]),))
+        return outcomes, probs, rest
+
     def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:
         out = rho
         # Highest qubit first, so the indices of the qubits still to remove do not shift.

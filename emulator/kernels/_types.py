@@ -98,6 +98,10 @@ class Backend(Protocol):
         self, rho: np.ndarray, n_qubits: int, qubit: int, basis: Basis, r: float
     ) -> tuple[int, float]: ...
 
+    def measure_batch(
+        self, rhos: np.ndarray, n_qubits: int, qubits: npt.ArrayLike, bases: npt.ArrayLike, rs: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+
     def partial_trace(
         self, rho: np.ndarray, n_qubits: int, remove: Sequence[int]
     ) -> np.ndarray: ...
@@ -207,6 +211,48 @@ def check_r(r: object) -> float:
     return value
 
 
+def check_batch_rhos(rhos: object, n_qubits: int) -> int:
+    """A writeable C-contiguous complex128 stack (count, 2**n, 2**n); returns count."""
+    if not isinstance(rhos, np.ndarray):
+        raise KernelError(f"rhos must be a numpy.ndarray, got {type(rhos).__name__}")
+    d = 1 << n_qubits
+    if rhos.ndim != 3 or rhos.shape[1:] != (d, d):
+        raise KernelError(f"rhos must have shape (count, {d}, {d}) for {n_qubits} qubits, got {rhos.shape}")
+    if rhos.dtype != np.complex128:
+        raise KernelError(f"rhos must have dtype complex128, got {rhos.dtype}")
+    if not rhos.flags.c_contiguous or not rhos.flags.writeable:
+        raise KernelError("rhos must be C-contiguous and writeable (collapsed in place)")
+    return rhos.shape[0]
+
+
+def check_batch_items(
+    qubits: object, bases: object, rs: object, count: int, n_qubits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-item arguments of measure_batch as int32, int32, float64 arrays of length count."""
+    out = []
+    for name, value, dtype in (("qubits", qubits, np.int32), ("bases", bases, np.int32), ("rs", rs, np.float64)):
+        arr = np.asarray(value)
+        if arr.shape != (count,):
+            raise KernelError(f"{name} must have shape ({count},), got {arr.shape}")
+        if count and (arr.dtype.kind not in ("iu" if dtype is np.int32 else "fiu") or arr.dtype == np.bool_):
+            raise KernelError(f"{name} has dtype {arr.dtype}, expected {'integers' if dtype is np.int32 else 'floats'}")
+        out.append(arr)
+    q, b, r = out
+    if count:
+        if q.min() < 0 or q.max() >= n_qubits:
+            raise KernelError(f"qubits out of range for a {n_qubits}-qubit register")
+        if b.min() < 0 or b.max() > max(Basis):
+            raise KernelError(f"bases must be in {[int(x) for x in Basis]} ({[x.name for x in Basis]})")
+        r = r.astype(np.float64, copy=False)
+        if not ((r >= 0.0) & (r < 1.0)).all():  # also refuses NaN
+            raise KernelError("rs must be in [0, 1)")
+    return (
+        np.ascontiguousarray(q, dtype=np.int32),
+        np.ascontiguousarray(b, dtype=np.int32),
+        np.ascontiguousarray(r, dtype=np.float64),
+    )
+
+
 def check_remove(remove: object, n_qubits: int) -> tuple[int, ...]:
     if isinstance(remove, (str, bytes)) or not isinstance(remove, (Sequence, np.ndarray)):
         raise KernelError(f"remove must be a sequence of qubit indices, got {type(remove).__name__}")
@@ -283,6 +329,23 @@ class CheckedBackend:
         q = check_qubit("qubit", qubit, n)
         return self._impl_measure(rho, n, q, check_basis(basis), check_r(r))
 
+    def measure_batch(
+        self, rhos: np.ndarray, n_qubits: int, qubits: npt.ArrayLike, bases: npt.ArrayLike, rs: npt.ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`measure` on each of `count` separate registers stacked in `rhos` (count, 2**n, 2**n):
+        item i measures qubit qubits[i] of rhos[i] in bases[i] with draw rs[i], collapsing it
+        in place. Returns (outcomes uint8, probabilities float64, rest): rest[i] is the
+        collapsed rhos[i] with its measured qubit traced out (as `partial_trace`), shape
+        (count, 2**(n-1), 2**(n-1)); None for n = 1. Results are identical to the
+        one-register calls. If an outcome has zero weight, KernelError and no rho changed.
+
+        Why: the broker measures thousands of heralded pairs per request; one call here
+        replaces a measure and a partial trace per qubit, each with its own checks."""
+        n = check_n_qubits(n_qubits)
+        count = check_batch_rhos(rhos, n)
+        q, b, r = check_batch_items(qubits, bases, rs, count, n)
+        return self._impl_measure_batch(rhos, n, q, b, r)
+
     def partial_trace(self, rho: np.ndarray, n_qubits: int, remove: Sequence[int]) -> np.ndarray:
         """New array over the kept qubits (order preserved); removing all gives shape (1, 1)."""
         n = check_n_qubits(n_qubits)
@@ -331,6 +394,11 @@ class CheckedBackend:
         raise NotImplementedError
 
     def _impl_measure(self, rho: np.ndarray, n: int, q: int, basis: Basis, r: float) -> tuple[int, float]:
+        raise NotImplementedError
+
+    def _impl_measure_batch(
+        self, rhos: np.ndarray, n: int, qubits: np.ndarray, bases: np.ndarray, rs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
     def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:

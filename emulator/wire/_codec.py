@@ -12,12 +12,16 @@ registration. The supported field types are deliberately few:
 
 Envelope: `{"v": 1, "t": <type>, "id": <int>, "re"?: <int>, ...fields}`.
 
-Each field type has a pair of functions. The encoder only *normalises* values that have
-one obvious wire form (numpy scalars, tuples, sequences for packed arrays, safe dtype
-casts) and otherwise passes the value through; `encode` then runs the decoders over the
-result, so a message with a wrong type or value is never sent (the sender learns of it
-from a `LocalProtocolError` naming the field, not from the peer); sizes are checked too
-when `encode` is given `Limits`. Decoding applies two tiers of limits: msgpack's own
+Each field type has a pair of functions. The encoder *normalises* values that have one
+obvious wire form (numpy scalars, tuples, sequences for packed arrays, safe dtype casts)
+and otherwise passes the value through, then judges its own output: every leaf value
+(int, float, str, packed array, opaque map, ...) goes through that field's decoder, and
+containers (lists, addresses, structs) check their own shape and length as their
+decoders would. So a message with a wrong type or value is never sent (the sender learns
+of it from a `LocalProtocolError` naming the field, not from the peer), in the same
+single pass that builds it — the encoder does not decode its whole output a second
+time, which for a `circuit` of thousands of gates would double the cost of sending it.
+Sizes are checked too when `encode` is given `Limits`. Decoding applies two tiers of limits: msgpack's own
 parser gets generous hard limits (`_HARD_LIMIT_FACTOR` times the `Limits`, so a hostile
 length header cannot make it pre-allocate much), and the field decoders apply the exact
 `Limits` so that an excess is reported as `bad_field` naming the field.
@@ -134,6 +138,7 @@ _ENVELOPE_KEYS = frozenset({"v", "t", "id", "re"})
 class _Schema:
     cls: type
     fields: tuple[tuple[str, bool, _Decoder, _Encoder], ...]  # name, required, decode, encode
+    names: frozenset[str]  # the field names, for the unknown-field check
 
 
 _REGISTRY: dict[str, _Schema] = {}
@@ -225,8 +230,25 @@ def _normalize_opaque(v: Any, f: str, lim: Limits, depth: int) -> Any:
     raise _bad_local(f, f"unsupported value type {type(v).__name__} in an opaque map")
 
 
+def _judged(normalise: _Encoder, dec: _Decoder) -> _Encoder:
+    """Encoder of a leaf field: normalise the value, then judge the result with the
+    field's own decoder, so that nothing a peer would refuse is sent. The decoder raises
+    `RemoteProtocolError`; `encode` reports it as a `LocalProtocolError`."""
+
+    def enc(v: Any, f: str, lim: Limits) -> Any:
+        out = normalise(v, f, lim)
+        dec(out, f, lim)
+        return out
+
+    return enc
+
+
 def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
-    """Build (decode, encode) functions for an annotation; fail loudly on unsupported ones."""
+    """Build (decode, encode) functions for an annotation; fail loudly on unsupported ones.
+
+    Leaf encoders are wrapped by `_judged`; container encoders check their own shape and
+    size exactly as their decoders do and leave the items to the item encoders.
+    """
     origin = typing.get_origin(tp)
     if origin is Annotated:
         base, *extras = typing.get_args(tp)
@@ -267,7 +289,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
                     raise _bad_local(f, f"cannot pack {arr.dtype} values as {dtype.str} without loss")
             return np.ascontiguousarray(arr, dtype=dtype).tobytes()
 
-        return dec_array, enc_array
+        return dec_array, _judged(enc_array, dec_array)
     if tp is bool:
 
         def dec_bool(v: Any, f: str, lim: Limits) -> bool:
@@ -278,7 +300,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
         def enc_bool(v: Any, f: str, lim: Limits) -> Any:
             return bool(v) if isinstance(v, np.bool_) else v
 
-        return dec_bool, enc_bool
+        return dec_bool, _judged(enc_bool, dec_bool)
     if tp is int:
 
         def dec_int(v: Any, f: str, lim: Limits) -> int:
@@ -291,7 +313,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
         def enc_int(v: Any, f: str, lim: Limits) -> Any:
             return int(v) if isinstance(v, np.integer) else v
 
-        return dec_int, enc_int
+        return dec_int, _judged(enc_int, dec_int)
     if tp is float:
 
         def dec_float(v: Any, f: str, lim: Limits) -> float:
@@ -315,7 +337,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
                     raise _bad_local(f, "integer too large for a float") from None
             return v
 
-        return dec_float, enc_float
+        return dec_float, _judged(enc_float, dec_float)
     if tp is str:
 
         def dec_str(v: Any, f: str, lim: Limits) -> str:
@@ -333,7 +355,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
                     raise _bad_local(f, "string is not encodable as UTF-8 (lone surrogate)") from None
             return v
 
-        return dec_str, enc_str
+        return dec_str, _judged(enc_str, dec_str)
     if tp is bytes:
 
         def dec_bytes(v: Any, f: str, lim: Limits) -> bytes:
@@ -344,7 +366,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
         def enc_bytes(v: Any, f: str, lim: Limits) -> Any:
             return bytes(v) if isinstance(v, bytearray | memoryview) else v
 
-        return dec_bytes, enc_bytes
+        return dec_bytes, _judged(enc_bytes, dec_bytes)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) != 1:
@@ -367,13 +389,25 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
                 raise _bad(f, f"expected array, got {type(v).__name__}")
             if len(v) > lim.max_list_items:
                 raise _bad(f, f"more than {lim.max_list_items} items")
-            return tuple(item_dec(x, f"{f}[{i}]", lim) for i, x in enumerate(v))
+            try:
+                # Fast pass without a path string per item (a circuit has thousands of gates).
+                return tuple([item_dec(x, f, lim) for x in v])
+            except RemoteProtocolError:
+                pass
+            # Decoders are pure: run again with the item paths, so the error names the item.
+            return tuple([item_dec(x, f"{f}[{i}]", lim) for i, x in enumerate(v)])
 
         def enc_list(v: Any, f: str, lim: Limits) -> Any:
             if isinstance(v, np.ndarray) and v.ndim == 1:
                 v = v.tolist()
             if not isinstance(v, list | tuple):  # a str would otherwise become a list of characters
                 raise _bad_local(f, f"expected a list, got {type(v).__name__}")
+            if len(v) > lim.max_list_items:  # as dec_list
+                raise _bad(f, f"more than {lim.max_list_items} items")
+            try:  # fast pass, as in dec_list
+                return [item_enc(x, f, lim) for x in v]
+            except (LocalProtocolError, RemoteProtocolError):
+                pass
             return [item_enc(x, f"{f}[{i}]", lim) for i, x in enumerate(v)]
 
         return dec_list, enc_list
@@ -405,7 +439,7 @@ def _converter(tp: Any) -> tuple[_Decoder, _Encoder]:
                 raise _bad_local(f, f"expected a mapping, got {type(v).__name__}")
             return _normalize_opaque(v, f, lim, 1)
 
-        return dec_map, enc_map
+        return dec_map, _judged(enc_map, dec_map)
     if isinstance(tp, type) and issubclass(tp, Struct):
         schema = _STRUCTS.get(tp) or _build_schema(tp)
         _STRUCTS[tp] = schema
@@ -433,7 +467,7 @@ def _build_schema(cls: type) -> _Schema:
         required = fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING
         dec, enc = _converter(hints[fld.name])
         fields.append((fld.name, required, dec, enc))
-    return _Schema(cls, tuple(fields))
+    return _Schema(cls, tuple(fields), frozenset(name for name, *_ in fields))
 
 
 def register(cls: _M) -> _M:
@@ -453,16 +487,15 @@ def _decode_fields(
     schema: _Schema, raw: dict[str, Any], prefix: str, lim: Limits, skip: frozenset[str]
 ) -> Any:
     kwargs = {}
-    known = set(skip)
     for name, required, dec, _ in schema.fields:
-        known.add(name)
         if name in raw:
             kwargs[name] = dec(raw[name], prefix + name, lim)
         elif required:
             raise _bad(prefix + name, "missing")
-    extra = [k for k in raw if k not in known]
-    if extra:
-        raise _bad(prefix + _shown(extra[0]), "unknown field")
+    extra = raw.keys() - schema.names  # set arithmetic: this runs once per gate of a circuit
+    if extra and not extra <= skip:
+        first = next(k for k in raw if k not in schema.names and k not in skip)  # in frame order
+        raise _bad(prefix + _shown(first), "unknown field")
     return schema.cls(**kwargs)
 
 
@@ -487,9 +520,8 @@ def _to_map(message: Message, id: int, re: int | None, limits: Limits | None) ->
     if re is not None and (isinstance(re, bool) or not isinstance(re, int) or not _INT64_MIN <= re <= _UINT64_MAX):
         raise _bad_local("re", "must be an int")
     limits = _NO_SIZE_LIMITS if limits is None else limits
-    body = _encode_fields(schema, message, "", limits)
-    try:  # send only what a peer with these limits would accept
-        _decode_fields(schema, body, "", limits, frozenset())
+    try:  # send only what a peer with these limits would accept (the field encoders judge it)
+        body = _encode_fields(schema, message, "", limits)
     except RemoteProtocolError as exc:
         raise LocalProtocolError(exc.code, f"cannot encode {message.TYPE}: {exc.message}") from None
     out: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE, "id": id}

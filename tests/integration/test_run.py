@@ -118,9 +118,9 @@ def test_quickstart_passes(run_dir: Path) -> None:
     app = results["apps"]["epr-test-0"]
     assert app["state"] == "done"
     metrics = app["metrics"]
-    assert metrics["pairs_measured"] == 2000
+    assert metrics["pairs_measured"] == 5000
     # Model (scenario header): Werner state with visibility V = 0.95 has F = (1 + 3V)/4 = 0.9625
-    # and S = 2*sqrt(2)*V. Tolerance: 5 standard errors as reported by the app (n = 2000 pairs),
+    # and S = 2*sqrt(2)*V. Tolerance: 5 standard errors as reported by the app (n = 5000 pairs),
     # plus 0.005 for the memory-free model's neglected terms.
     fidelity_model = (1 + 3 * 0.95) / 4
     assert abs(metrics["fidelity"] - fidelity_model) <= 5 * metrics["fidelity_stderr"] + 0.005

@@ -492,6 +492,80 @@ def test_probability_and_measure_agree(both, reg, data):
 
 
 @HYP
+@given(n=st.integers(1, 3), count=st.integers(0, 6), seed=st.integers(0, 2**32 - 1))
+def test_measure_batch_equals_one_register_calls(both, n, count, seed):
+    """The batched kernel is bit-identical, per backend, to measure + partial_trace per
+    register, and the two backends agree with each other."""
+    rng = np.random.default_rng(seed)
+    rhos = np.empty((count, 1 << n, 1 << n), dtype=np.complex128)
+    for i in range(count):
+        rhos[i] = random_rho(rng, n, int(rng.integers(1, (1 << n) + 1)))
+    qubits = rng.integers(0, n, count)
+    bases = rng.integers(0, 3, count).astype(np.uint8)
+    rs = rng.random(count)
+    results = []
+    for be in both:
+        batch = rhos.copy()
+        outcomes, probs, rest = be.measure_batch(batch, n, qubits, bases, rs)
+        assert outcomes.dtype == np.uint8 and outcomes.shape == probs.shape == (count,)
+        assert (rest is None) == (n == 1)
+        for i in range(count):
+            one = rhos[i].copy()
+            outcome, prob = be.measure(one, n, int(qubits[i]), Basis(int(bases[i])), float(rs[i]))
+            assert (outcomes[i], probs[i]) == (outcome, prob)
+            np.testing.assert_array_equal(batch[i], one)
+            if rest is not None:
+                np.testing.assert_array_equal(rest[i], be.partial_trace(one, n, [int(qubits[i])]))
+        results.append((outcomes, probs, batch, rest))
+    (oa, pa, ba, ra), (ob, pb, bb, rb) = results
+    p0 = np.array([both[0].probability(rhos[i], n, int(qubits[i]), Basis(int(bases[i]))) for i in range(count)])
+    if not np.any(np.abs(rs - p0) <= 1e-9):  # a draw on the knife edge could round differently
+        np.testing.assert_array_equal(oa, ob)
+        np.testing.assert_allclose(pb, pa, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(bb, ba, atol=ATOL, rtol=0)
+        if ra is not None:
+            np.testing.assert_allclose(rb, ra, atol=ATOL, rtol=0)
+
+
+def test_measure_batch_of_phi_plus_pairs(backend):
+    rhos = np.stack([PHI_PLUS, PHI_PLUS, PHI_PLUS])
+    outcomes, probs, rest = backend.measure_batch(rhos, 2, [0, 1, 0], [Basis.Z, Basis.Z, Basis.X], [0.2, 0.7, 0.9])
+    assert outcomes.tolist() == [0, 1, 1]
+    np.testing.assert_allclose(probs, [0.5, 0.5, 0.5], atol=ATOL)
+    np.testing.assert_allclose(rest[0], dm(ket(1, 0)), atol=ATOL)
+    np.testing.assert_allclose(rest[1], dm(ket(0, 1)), atol=ATOL)
+    np.testing.assert_allclose(rest[2], dm(ket(1, -1)), atol=ATOL)
+
+
+def test_measure_batch_zero_weight_changes_nothing(backend):
+    rhos = np.stack([PHI_PLUS, np.zeros((4, 4), np.complex128)])
+    before = rhos.copy()
+    with pytest.raises(KernelError, match="zero weight"):
+        backend.measure_batch(rhos, 2, [0, 0], [0, 0], [0.3, 0.3])
+    np.testing.assert_array_equal(rhos, before)
+
+
+@pytest.mark.parametrize(
+    ("desc", "args", "match"),
+    [
+        ("2d", (basis_dm(2, 0).copy(), 2, [0], [0], [0.5]), "shape"),
+        ("n-mismatch", (np.stack([basis_dm(2, 0)]), 1, [0], [0], [0.5]), "shape"),
+        ("dtype", (np.stack([basis_dm(2, 0)]).real.copy(), 2, [0], [0], [0.5]), "complex128"),
+        ("qubits-len", (np.stack([basis_dm(2, 0)]), 2, [0, 1], [0], [0.5]), "qubits"),
+        ("qubit-range", (np.stack([basis_dm(2, 0)]), 2, [2], [0], [0.5]), "qubits"),
+        ("qubit-float", (np.stack([basis_dm(2, 0)]), 2, [0.0], [0], [0.5]), "qubits"),
+        ("basis", (np.stack([basis_dm(2, 0)]), 2, [0], [3], [0.5]), "bases"),
+        ("r-one", (np.stack([basis_dm(2, 0)]), 2, [0], [0], [1.0]), "rs"),
+        ("r-nan", (np.stack([basis_dm(2, 0)]), 2, [0], [0], [float("nan")]), "rs"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_measure_batch_bad_input(backend, desc, args, match):
+    with pytest.raises(KernelError, match=match):
+        backend.measure_batch(*args)
+
+
+@HYP
 @given(reg=registers(), data=st.data())
 def test_partial_trace_agrees(both, reg, data):
     n, rho, _ = reg
@@ -645,6 +719,12 @@ def test_c_functions_check_their_arguments():
     zero = np.zeros((2, 2), dtype=np.complex128)
     zbuf = ffi.from_buffer("qnetem_c128[]", zero, require_writable=True)
     assert lib.qnetem_measure(zbuf, 1, 0, 0, 0.5, outcome, prob) == lib.QNETEM_ERR_ZERO_PROB
+    ints, draws = ffi.new("int[]", [0]), ffi.new("double[]", [0.5])
+    assert lib.qnetem_measure_batch(buf, 2, 1, ffi.new("int[]", [2]), ints, draws, outcome, prob, ffi.NULL) == lib.QNETEM_ERR_QUBIT
+    assert lib.qnetem_measure_batch(buf, 2, 1, ints, ints, ffi.new("double[]", [1.0]), outcome, prob, ffi.NULL) == lib.QNETEM_ERR_ARG
+    assert lib.qnetem_measure_batch(zbuf, 1, 1, ints, ints, draws, outcome, prob, zbuf) == lib.QNETEM_ERR_ARG  # n=1: no rest
+    assert lib.qnetem_measure_batch(zbuf, 1, 1, ints, ints, draws, outcome, prob, ffi.NULL) == lib.QNETEM_ERR_ZERO_PROB
+    np.testing.assert_array_equal(rho, basis_dm(2, 0))
 
 
 # --------------------------------------------------------------------- selection, build

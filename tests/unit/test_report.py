@@ -243,7 +243,7 @@ def test_plan_from_real_scenario_file() -> None:
     root = Path(__file__).resolve().parents[2]
     plan = plan_from_scenario(load_scenario(root / "scenarios" / "two-node-epr.yaml"))
     assert plan.name == "two-node-epr" and plan.launched_nodes == ("alice", "bob")
-    assert [a.name for a in plan.apps] == ["epr-test-0"] and plan.apps[0].pairs == 2000
+    assert [a.name for a in plan.apps] == ["epr-test-0"] and plan.apps[0].pairs == 5000
     assert {e.metric for e in plan.expectations} == {"pairs_measured", "fidelity", "chsh", "pair_rate_hz"}
 
 
