@@ -17,6 +17,7 @@ significant bit of the basis index, so ``np.kron(A, B)`` has A on qubit 0.
 
 from __future__ import annotations
 
+import abc
 import enum
 import hashlib
 import math
@@ -277,7 +278,7 @@ def check_rng_args(key: object, stream: object, start: object, count: object) ->
     return k, s, i0, c
 
 
-class CheckedBackend:
+class CheckedBackend(abc.ABC):
     """Validates arguments, then calls ``_impl_*`` (implemented by each backend)."""
 
     name: str = "abstract"
@@ -381,40 +382,51 @@ class CheckedBackend:
         return self._impl_rng_u64(*check_rng_args(key, stream, start, count))
 
     # --- implemented by each backend (arguments already validated) --------------------
+    @abc.abstractmethod
     def _impl_apply_1q(self, rho: np.ndarray, n: int, q: int, u: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_apply_2q(self, rho: np.ndarray, n: int, qa: int, qb: int, u: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_apply_kraus_1q(self, rho: np.ndarray, n: int, q: int, kraus: np.ndarray) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_probability(self, rho: np.ndarray, n: int, q: int, basis: Basis) -> float:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_measure(self, rho: np.ndarray, n: int, q: int, basis: Basis, r: float) -> tuple[int, float]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_measure_batch(
         self, rhos: np.ndarray, n: int, qubits: np.ndarray, bases: np.ndarray, rs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_partial_trace(self, rho: np.ndarray, n: int, remove: tuple[int, ...]) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_tensor(self, a: np.ndarray, na: int, b: np.ndarray, nb: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_bell_fidelities(self, rho: np.ndarray, n: int, qa: int, qb: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _impl_rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
 
 # -------------------------------------------------------------- operators both backends take
