@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qnetem-installed
-BUILD_INPUTS := pyproject.toml setup.py emulator/__init__.py $(wildcard cext/*.c cext/*.h cext/*.py)
+BUILD_INPUTS := pyproject.toml setup.py emulator/__init__.py emulator/kernels/_digest.py $(wildcard cext/*.c cext/*.h cext/*.py)
 
 .PHONY: quickstart test test-fast bench clean
 

@@ -9,7 +9,9 @@ is the single source of truth for the C interface.
 
 The package version (``__version__`` in ``emulator/__init__.py``) is stamped into the
 module as ``-DQNETEM_VERSION="..."``; ``emulator/kernels/_c.py`` compares it with the
-running package and refuses a stale build.
+running package and refuses a stale build; likewise the digest of the C sources
+(``-DQNETEM_SOURCE_DIGEST``), checked whenever the sources sit beside the package, so a
+C edit without a rebuild is caught too.
 
 Every path is resolved from this file's location, so the build works from any working
 directory (``pip install -e .`` at the repo root, or ``python cext/build_cext.py``,
@@ -19,6 +21,7 @@ which builds in place for a quick rebuild during development).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 
@@ -35,6 +38,17 @@ _CDEF_RE = re.compile(
 _VERSION_RE = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
 # The version lands inside a C string literal on the compiler's command line.
 _SAFE_VERSION_RE = re.compile(r"^[0-9A-Za-z.+_-]+$")
+
+
+def read_source_digest() -> str:
+    """Digest of cext/*.c and cext/*.h (emulator/kernels/_digest.py, loaded by path)."""
+    spec = importlib.util.spec_from_file_location(
+        "_qnetem_digest", os.path.join(_ROOT, "emulator", "kernels", "_digest.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(_HERE)
 
 
 def _read(path: str) -> str:
@@ -82,7 +96,12 @@ def make_builder(*, absolute_sources: bool = False) -> cffi.FFI:
         '#include "qnetem.h"\n',
         sources=_source_paths(absolute=absolute_sources),
         include_dirs=[_HERE],
-        extra_compile_args=["-O3", "-std=c99", f'-DQNETEM_VERSION="{read_version()}"'],
+        extra_compile_args=[
+            "-O3",
+            "-std=c99",
+            f'-DQNETEM_VERSION="{read_version()}"',
+            f'-DQNETEM_SOURCE_DIGEST="{read_source_digest()}"',
+        ],
     )
     return builder
 

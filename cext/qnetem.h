@@ -62,6 +62,7 @@ enum qnetem_basis {
 
 /* Version string of the package this module was built from (QNETEM_VERSION macro). */
 const char *qnetem_version(void);
+const char *qnetem_source_digest(void);
 
 /* rho <- U rho U^dagger, U (2x2, row-major) acting on `qubit`. */
 int qnetem_apply_1q(qnetem_c128 *rho, int n_qubits, int qubit, const qnetem_c128 *u);

@@ -11,4 +11,11 @@
 #error "QNETEM_VERSION must be defined by the build (cext/build_cext.py)"
 #endif
 
+#ifndef QNETEM_SOURCE_DIGEST
+#error "QNETEM_SOURCE_DIGEST must be defined by the build (cext/build_cext.py)"
+#endif
+
 const char *qnetem_version(void) { return QNETEM_VERSION; }
+
+/* Digest of cext/*.c and cext/*.h this module was compiled from (emulator/kernels/_digest.py). */
+const char *qnetem_source_digest(void) { return QNETEM_SOURCE_DIGEST; }

@@ -12,15 +12,18 @@ every index is in range. Each method wraps the numpy buffers with ``ffi.from_buf
 The module is loaded lazily, on the first ``CBackend()`` (``get_backend("c")``), never at
 import time: ``import emulator.kernels`` works without a compiled module, and the numpy
 backend stays usable. Loading checks the version stamped into the module against
-``emulator.__version__`` and refuses a stale build with :class:`KernelBuildError`.
+``emulator.__version__``, and the digest of the C sources against `cext/` when the
+sources sit beside the package, and refuses a stale build with :class:`KernelBuildError`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._digest import source_digest
 from ._types import Basis, CheckedBackend, KernelBuildError, KernelError
 
 __all__ = ["CBackend", "load_cext"]
@@ -59,7 +62,26 @@ def load_cext() -> tuple[Any, Any]:
             f"emulator._cext was built for qnetem {built} but the package is "
             f"{emulator.__version__} (stale build); {_REBUILD_HINT}"
         )
+    check_source_digest(_cext.ffi.string(_cext.lib.qnetem_source_digest()).decode("ascii", "replace"))
     return _cext.ffi, _cext.lib
+
+
+def check_source_digest(built_digest: str, cext_dir: Path | None = None) -> None:
+    """Refuse a module compiled from other C sources than those beside the package.
+
+    Only a development checkout or an editable install has `cext/` next to `emulator/`;
+    an installed wheel has no sources to compare with, and the check is skipped.
+    """
+    if cext_dir is None:
+        cext_dir = Path(__file__).resolve().parents[2] / "cext"
+    if not (cext_dir / "build_cext.py").is_file():
+        return
+    current = source_digest(cext_dir)
+    if current != built_digest:
+        raise KernelBuildError(
+            f"emulator._cext was compiled from other C sources than {cext_dir} holds "
+            f"(digest {built_digest}, sources now {current}: stale build); {_REBUILD_HINT}"
+        )
 
 
 def _check(rc: int, function: str) -> None:

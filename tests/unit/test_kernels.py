@@ -37,6 +37,7 @@ from emulator.kernels import (
     rotation,
 )
 from emulator.kernels import _c as c_layer
+from emulator.kernels._digest import source_digest
 
 ATOL = 1e-12
 S2 = 1 / math.sqrt(2)
@@ -758,6 +759,23 @@ def test_stale_module_is_refused(monkeypatch):
     monkeypatch.setattr(emulator, "__version__", "99.0.0")
     with pytest.raises(KernelBuildError, match=r"stale.*pip install -e \."):
         c_layer.CBackend()
+
+
+def test_module_compiled_from_other_sources_is_refused(tmp_path):
+    """A C edit without a rebuild: the digest stamped in the module no longer matches cext/."""
+    cext = tmp_path / "cext"
+    cext.mkdir()
+    (cext / "build_cext.py").write_text("# stand-in\n")
+    (cext / "qnetem_state.c").write_text("int qnetem_x(void) { return 1; }\n")
+    built = source_digest(cext)
+    c_layer.check_source_digest(built, cext)  # unchanged sources: accepted
+    (cext / "qnetem_state.c").write_text("int qnetem_x(void) { return 2; }\n")
+    with pytest.raises(KernelBuildError, match=r"other C sources.*stale.*pip install -e \."):
+        c_layer.check_source_digest(built, cext)
+
+
+def test_installed_module_matches_the_sources_beside_it():
+    c_layer.load_cext()  # raises KernelBuildError if this checkout's build is stale
 
 
 def test_package_imports_without_compiled_module():
