@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime", choices=("local",), default="local", help="where processes run (default: local)")
     run.add_argument("--quiet", "-q", action="store_true", help="no live progress display")
     run.add_argument(
-        "--registration-timeout", type=float, default=20.0, metavar="SECONDS",
-        help="wall seconds to wait for every node to register (default: 20)",
+        "--registration-timeout", type=float, default=None, metavar="SECONDS",
+        help="wall seconds to wait for every node to register (default: 20, or 600 with external nodes)",
     )  # fmt: skip
 
     validate = sub.add_parser("validate", help="check a scenario file and print every problem")

@@ -40,7 +40,11 @@ def _address(text: str) -> tuple[str, int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nodes", description="qnetem node")
     p.add_argument("--name", required=True, help="this node's name (as in the scenario)")
-    p.add_argument("--broker", required=True, type=_address, help="broker address HOST:PORT")
+    broker = os.environ.get("QNETEM_BROKER")  # set by a run's external.env for plugfest nodes
+    p.add_argument(
+        "--broker", required=broker is None, default=broker, type=_address,  # argparse applies type to it
+        help="broker address HOST:PORT (default: $QNETEM_BROKER)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind every listener on (default 127.0.0.1)")
     p.add_argument("--data-dir", type=Path, default=None, help="directory for the node's state")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

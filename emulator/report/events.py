@@ -38,6 +38,7 @@ class EventKind(enum.StrEnum):
     PROCESS_STARTED = "process_started"
     PROCESS_EXITED = "process_exited"
     NODE_REGISTERED = "node_registered"
+    EXTERNAL_AWAITED = "external_awaited"  # the run waits for nodes someone else starts
     TIMELINE_STARTED = "timeline_started"
     APP_STARTED = "app_started"
     APP_DONE = "app_done"

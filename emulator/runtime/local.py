@@ -94,6 +94,9 @@ ADMIN_TOKEN_ENV = "QNETEM_ADMIN_TOKEN"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+EXTERNAL_ENV_FILE = "external.env"  # broker address and run tokens for external nodes
+
+
 class RuntimeFailure(Exception):
     """The run could not proceed (exit 3). The message is one line for the user."""
 
@@ -243,7 +246,7 @@ class RunOptions:
     backend: str | None = None  # "c" | "numpy" | None (broker default)
     quiet: bool = False
     live: bool | None = None  # live progress; None = when stdout is a terminal and not quiet
-    registration_timeout_s: float = 20.0
+    registration_timeout_s: float | None = None  # None: 20 s, or 600 s when a person starts external nodes
     port_file_timeout_s: float = 20.0
     poll_interval_s: float = 0.2
     request_timeout_s: float = 10.0
@@ -475,6 +478,8 @@ class _LocalRun:
             self.emit(
                 EventKind.PROCESS_STARTED, name=name, role="node", pid=child.pid, log=child.log_path.name, argv=argv
             )
+        if plan.external_nodes:
+            self._hand_off_external_nodes()
         self.phase = "before registering with the broker"
         await self._wait_registered()
         self.phase = "during the run"
@@ -527,6 +532,30 @@ class _LocalRun:
                 f"the broker runs with time_scale {welcome.time_scale:g}, the scenario says {self.plan.time_scale:g}"
             )
 
+    def _hand_off_external_nodes(self) -> None:
+        """Tell whoever runs the external nodes where the broker is and how to get in.
+
+        The credentials go to `RUN/external.env`, created 0600 and deleted when the run
+        ends; the console and events name the file, never its content (DESIGN §2, §12).
+        """
+        path = self.run_dir / EXTERNAL_ENV_FILE
+        lines = [
+            f"# qnetem run {self.run_id}: credentials for the external node(s) "
+            f"{', '.join(self.plan.external_nodes)}. Valid for this run only; keep private.",
+            f"QNETEM_BROKER={LOCALHOST}:{self.broker_port}",
+            *(f"{name}={value}" for name, value in sorted(self._tokens.items())),
+        ]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self.emit(EventKind.EXTERNAL_AWAITED, nodes=list(self.plan.external_nodes), credentials=path.name)
+        for name in self.plan.external_nodes:
+            self.console.print(
+                f"waiting for external node [bold]{name}[/bold]: start it with the variables in "
+                f"{self._rel(path)}, e.g. `env $(grep -v '^#' {self._rel(path)} | xargs) "
+                f"qnetem node --name {name} --broker {LOCALHOST}:{self.broker_port}`"
+            )
+
     async def _poll_broker(self) -> Any:
         assert self.broker is not None
         try:
@@ -539,6 +568,8 @@ class _LocalRun:
     async def _wait_registered(self) -> None:
         self.progress.set_phase("waiting for nodes to register")
         timeout_s = self.options.registration_timeout_s
+        if timeout_s is None:
+            timeout_s = 600.0 if self.plan.external_nodes else 20.0
         with trio.move_on_after(timeout_s):
             while True:
                 self._check_children()
@@ -772,6 +803,8 @@ class _LocalRun:
             EventKind.RUN_FINISHED, status=status.value, exit_code=int(code), error=self.error,
             finish_reason=self.finish_reason,
         )  # fmt: skip
+        with contextlib.suppress(FileNotFoundError):  # the run's credentials die with it
+            (self.run_dir / EXTERNAL_ENV_FILE).unlink()
         write_json_atomic(self.run_dir / "results.json", document, secrets=self._secrets)
         print_summary(self.console, document, run_dir=self._rel(self.run_dir))
         return RunOutcome(code, self.run_dir, results, self.error)

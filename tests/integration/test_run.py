@@ -273,3 +273,51 @@ def test_every_shipped_scenario_holds(scenario: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "results.json").read_text())["passed"] is True
     assert_nothing_left(out)
+
+
+def test_external_node_joins_with_the_handed_off_credentials(tmp_path: Path, run_dir: Path) -> None:
+    """A plugfest node: the scenario marks bob external; qnetem starts nothing for him and
+    hands the broker address and run tokens over in RUN/external.env (0600, removed at the end)."""
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["nodes"]["bob"]["external"] = True
+    for app in data["apps"]:
+        app["pairs"] = 500
+    data["expect"] = [{"metric": "pairs_measured", "app": "epr-test-0", "min": 500}]
+    scenario = tmp_path / "external.yaml"
+    scenario.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "run", str(scenario), "--out", str(run_dir), "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    bob = None
+    try:
+        handoff = run_dir / "external.env"
+        deadline = time.monotonic() + 60
+        while not handoff.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handoff.exists(), "no external.env appeared"
+        time.sleep(0.1)  # created with O_EXCL and written at once; let the write land
+        assert handoff.stat().st_mode & 0o077 == 0  # private to the user running qnetem
+        creds = dict(
+            line.split("=", 1) for line in handoff.read_text().splitlines() if line and not line.startswith("#")
+        )
+        assert set(creds) == {"QNETEM_BROKER", "QNETEM_TOKEN", "QNETEM_ADMIN_TOKEN"}
+        bob = subprocess.Popen(
+            [sys.executable, "-m", "nodes", "--name", "bob"],  # the broker address comes from QNETEM_BROKER
+            cwd=ROOT, env={**env, **creds}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        out, err = run.communicate(timeout=RUN_TIMEOUT_S)
+        assert run.returncode == 0, out + err
+        assert "waiting for external node bob" in out
+        for secret in (creds["QNETEM_TOKEN"], creds["QNETEM_ADMIN_TOKEN"]):
+            assert secret not in out + err
+        assert not handoff.exists()  # the credentials die with the run
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["passed"] and results["apps"]["epr-test-0"]["metrics"]["pairs_measured"] == 500
+        assert [e["name"] for e in events_of(run_dir) if e["event"] == "process_started"] == ["broker", "alice"]
+    finally:
+        for proc in (run, bob):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
