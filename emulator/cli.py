@@ -2,6 +2,7 @@
 
     qnetem run FILE [--out DIR] [--backend c|numpy] [--runtime local] [--quiet]
     qnetem validate FILE
+    qnetem report RUN_DIR     (re-render RUN_DIR/report.html from results.json)
     qnetem broker ARGS...     (the broker, in this process)
     qnetem node ARGS...       (a node: exec of `python -m nodes ARGS...`)
     qnetem --version
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a scenario file and print every problem")
     validate.add_argument("file", type=Path, metavar="FILE", help="scenario file (YAML)")
 
+    report = sub.add_parser("report", help="(re)render report.html of a run directory from its results.json")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds results.json)")
+
     sub.add_parser(
         "broker", help="run the quantum-channel broker (arguments: see `qnetem broker --help`)", add_help=False
     )
@@ -118,6 +122,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_report(run_dir: Path) -> int:
+    from emulator.report.html import load_run_dir, write_report
+
+    if not (run_dir / "results.json").is_file():
+        _err(f"{run_dir}: not a run directory (no results.json)")
+        return EXIT_INVALID
+    try:
+        results, scenario = load_run_dir(run_dir)
+    except (OSError, ValueError) as exc:  # unreadable or not JSON (json.JSONDecodeError is a ValueError)
+        _err(f"{run_dir / 'results.json'}: cannot read it: {exc}")
+        return EXIT_INVALID
+    try:
+        path = write_report(run_dir, results, scenario)
+    except Exception as exc:  # a rendering bug: one line, not a traceback
+        _err(f"cannot render the report: {type(exc).__name__}: {exc}")
+        return EXIT_RUNTIME
+    sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
 def _cmd_broker(argv: Sequence[str]) -> int:
     from emulator.broker.__main__ import main as broker_main
 
@@ -148,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args.file)
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "report":
+            return _cmd_report(args.run_dir)
         _err(f"unknown command {args.command!r}")
         return EXIT_INVALID
     except KeyboardInterrupt:

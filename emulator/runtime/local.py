@@ -15,7 +15,11 @@ Theory of operation
 5. drive the `Timeline` (emulated time from the broker clock): start apps at their
    offsets over each node's control session, poll their status every 0.2 s wall,
    show the live progress, stop when every app finished or `duration` elapsed;
-6. collect stats, evaluate expectations, write `results.json` and `events.jsonl`.
+6. collect stats, evaluate expectations, write `results.json` (with `series`, each app's
+   progress sampled at every poll, bounded by `SeriesRecorder`) and `events.jsonl`;
+7. render `report.html` and its PNG plots from `results.json` and `scenario.json`
+   (`emulator.report.html`); a rendering failure is logged to `orchestrator.log` and
+   never changes the exit status.
 
 Any failure on the way (a child exits, a session breaks, a timeout) raises
 `RuntimeFailure`, which becomes exit 3 with one line naming the culprit and its log.
@@ -64,6 +68,7 @@ from emulator.report.results import (
     evaluate_expectations,
     write_json_atomic,
 )
+from emulator.report.series import SeriesRecorder
 
 from .admin_client import AdminClient, AdminError, AdminRequestError
 from .orchestrator import (
@@ -371,6 +376,7 @@ class _LocalRun:
         self.clock = EmulatedClock(plan.time_scale)
         self.timeline = Timeline(plan)
         self.tracker = RegistrationTracker(plan.node_names)
+        self.series = SeriesRecorder()  # each app's progress over emulated time, for results.json
         self.broker: AdminClient | None = None
         self.controls: dict[str, AdminClient] = {}
         self.error: str | None = None
@@ -657,6 +663,7 @@ class _LocalRun:
             except AdminError as exc:
                 raise await self._blame(exc, f"node {request.node}") from None
         change = self.timeline.mark_started(app.name, now)
+        self.series.record(app.name, change.t_s, {"pairs_measured": 0})
         self.emit(
             EventKind.APP_STARTED, app=app.name, kind=app.kind, nodes=list(app.nodes), pairs=app.pairs,
             at_s=round(change.t_s, 6),
@@ -677,6 +684,8 @@ class _LocalRun:
                     raise await self._blame(exc, f"node {node}") from None
                 now = self.now()
                 assert now is not None
+                if role == "initiator" and status.state != "failed":
+                    self.series.record(app.name, self.timeline.elapsed_s(now), status.results)
                 change = self.timeline.observe(app.name, role, status.state, status.results, now)
                 if change is None:
                     continue
@@ -794,6 +803,7 @@ class _LocalRun:
         )
         document = results.to_dict()
         document["finish_reason"] = self.finish_reason
+        document["series"] = self.series.to_dict()
         for e in expectations:
             self.emit(
                 EventKind.EXPECTATION, index=e.index, metric=e.metric, app=e.app, bound=e.bound,
@@ -806,8 +816,30 @@ class _LocalRun:
         with contextlib.suppress(FileNotFoundError):  # the run's credentials die with it
             (self.run_dir / EXTERNAL_ENV_FILE).unlink()
         write_json_atomic(self.run_dir / "results.json", document, secrets=self._secrets)
+        report_error = self._write_report()
         print_summary(self.console, document, run_dir=self._rel(self.run_dir))
+        if report_error is not None:
+            self.console.print(report_error, markup=False, highlight=False)
         return RunOutcome(code, self.run_dir, results, self.error)
+
+    def _write_report(self) -> str | None:
+        """Render report.html from the files just written; a one-line message if that failed.
+
+        Built from `results.json` (already redacted) and `scenario.json`, exactly as
+        `qnetem report RUN_DIR` would. Never raises: the report must not change the exit status.
+        """
+        try:
+            from emulator.report.html import render_run_dir
+
+            render_run_dir(self.run_dir)
+        except Exception as exc:  # a bad report is worth a line, not a failed run
+            log = self.run_dir / "orchestrator.log"
+            with contextlib.suppress(OSError), log.open("a", encoding="utf-8") as fh:
+                fh.write("report.html could not be rendered:\n")
+                traceback.print_exception(exc, file=fh)
+            why = " ".join(str(exc).split())[:200]
+            return f"report.html not written: {type(exc).__name__}: {why} (traceback in {self._rel(log)})"
+        return None
 
 
 async def _quiet_shutdown(client: AdminClient) -> None:
