@@ -327,3 +327,23 @@ def test_external_node_joins_with_the_handed_off_credentials(tmp_path: Path, run
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=10)
+
+
+def test_node_that_fails_to_start_gives_exit_3_and_no_leftovers(run_dir: Path) -> None:
+    """A failed start (the node program dies at once) ends the run with exit 3 naming the
+    node, and the broker that did start is taken down with it."""
+    from rich.console import Console
+
+    from emulator.runtime.local import RunOptions, run_scenario
+    from emulator.runtime.orchestrator import ExitCode
+
+    failing_node = (sys.executable, "-c", "import sys; sys.exit('cannot start')")
+    with open(os.devnull, "w") as devnull:
+        outcome = run_scenario(
+            RunOptions(QUICKSTART, out_dir=run_dir, quiet=True, node_command=failing_node),
+            console=Console(file=devnull, width=120),
+        )
+    assert outcome.exit_code == ExitCode.RUNTIME_FAILURE
+    assert outcome.message is not None and ("alice" in outcome.message or "bob" in outcome.message)
+    assert json.loads((run_dir / "results.json").read_text())["exit_code"] == 3
+    # run_dir's fixture checks that the broker and both node processes are gone
