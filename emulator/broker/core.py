@@ -1149,9 +1149,16 @@ class BrokerCore:
         self._requests.pop(req.id, None)
         self._dirty_requests.pop(req.id, None)
         req.generation += 1
-        done = EprDone(request=req.id, delivered=req.heralded, reason=reason, now_s=now)
+        a, b = req.ends()
         for name in notify:
-            self._send_to_node(name, done)
+            other = b if name == a else a
+            self._send_to_node(
+                name,
+                EprDone(
+                    request=req.id, initiator=req.initiator, peer=other,
+                    delivered=req.heralded, reason=reason, now_s=now,
+                ),  # fmt: skip
+            )
 
     def _on_epr_cancel(self, s: _Session, node: _Node, env: Envelope, now: float) -> None:
         msg: EprCancel = env.message  # type: ignore[assignment]

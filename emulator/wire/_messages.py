@@ -294,6 +294,8 @@ class EprDone(Message):
 
     TYPE = "epr_done"
     request: int
+    initiator: str
+    peer: str  # the other end, from the receiver's point of view (routes it like epr_delivered)
     delivered: int
     reason: str  # "complete" | "cancelled" | "peer_gone"
     now_s: float

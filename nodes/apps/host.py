@@ -185,8 +185,8 @@ class AppHost:
     # ------------------------------------------------------------------ internals
 
     def _listener_for(self, message: Message) -> str | None:
-        """Rule 2: a delivery of a request the peer initiated goes to our listener for that peer."""
-        if isinstance(message, EprDelivered) and message.initiator == message.peer:
+        """Rule 2: an event of a request the peer initiated goes to our listener for that peer."""
+        if isinstance(message, EprDelivered | EprDone) and message.initiator == message.peer:
             name = self._listeners.get(message.peer)
             if name is not None:
                 self._by_request[message.request] = name

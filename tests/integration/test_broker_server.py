@@ -5,6 +5,8 @@ Timeouts below are safety nets against a hung process, not assertions on speed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import math
@@ -232,7 +234,9 @@ async def test_broker_process_end_to_end(scenario_file: Path, tmp_path: Path, sp
     assert isinstance(accepted, EprAccepted)
     done_a = await alice.wait_for(EprDone)
     done_b = await bob.wait_for(EprDone)
-    assert done_a == done_b and done_a.delivered == 5 and done_a.reason == "complete"
+    assert (done_a.peer, done_b.peer) == ("bob", "alice") and done_a.initiator == done_b.initiator
+    assert dataclasses.replace(done_a, peer="alice") == done_b
+    assert done_a.delivered == 5 and done_a.reason == "complete"
     got_a = [e.message for e in alice.inbox if isinstance(e.message, EprDelivered)]
     assert sum(len(m.pair_ids) for m in got_a) == 5
 

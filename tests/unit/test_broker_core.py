@@ -551,7 +551,8 @@ def test_epr_delivery_is_batched_per_request_and_end() -> None:
     assert np.all(np.diff(da.herald_s) > 0) and da.herald_s[-1] <= 1.0
     assert set(int(q) for q in da.qubits) == broker.core.qubits_of("alice")
     assert set(int(q) for q in db.qubits) == broker.core.qubits_of("bob")
-    assert ev_a[1] == ev_b[1] == EprDone(request=rid, delivered=20, reason="complete", now_s=float(da.herald_s[-1]))
+    end = {"request": rid, "initiator": "alice", "delivered": 20, "reason": "complete", "now_s": float(da.herald_s[-1])}
+    assert ev_a[1] == EprDone(peer="bob", **end) and ev_b[1] == EprDone(peer="alice", **end)
     # punctual timers instead: one epr_delivered per pair
     rid2 = request_pairs(alice, "bob", 3)
     broker.advance_to(2.0)
@@ -675,8 +676,8 @@ def test_epr_cancel() -> None:
     bob.messages()
     assert 0 < before < 30
     assert bob.call(EprCancel(request=rid)).message == Ok()  # either end may cancel
-    done = EprDone(request=rid, delivered=before, reason="cancelled", now_s=1e-3)
-    assert alice.messages() == [done] and bob.messages() == [done]
+    done = {"request": rid, "initiator": "alice", "delivered": before, "reason": "cancelled", "now_s": 1e-3}
+    assert alice.messages() == [EprDone(peer="bob", **done)] and bob.messages() == [EprDone(peer="alice", **done)]
     assert broker.core.get_timer() is None
     assert error_of(alice.call(EprCancel(request=rid))) == "bad_field"
 
@@ -696,7 +697,7 @@ def test_peer_disconnect_releases_qubits_and_notifies() -> None:
     assert len(alice_qubits) == 3 + delivered
     alice.close()
     assert bob.messages() == [
-        EprDone(request=rid, delivered=delivered, reason="peer_gone", now_s=2e-3),
+        EprDone(request=rid, initiator="alice", peer="alice", delivered=delivered, reason="peer_gone", now_s=2e-3),
         PeerDown(node="alice"),
     ]
     assert carol.events() == []  # not a neighbour of alice

@@ -122,7 +122,9 @@ def test_request_replies_come_back_with_the_app_tag_and_bind_epr_events() -> Non
     assert isinstance(app, Recorder) and app.seen == []
     host.handle_broker_reply(req.tag, EprAccepted(request=42, now_s=0.1), 0.5)
     assert app.seen == [("reply", ("req", "epr_accepted")), ("event", "epr_delivered")]
-    host.handle_broker_event(EprDone(request=42, delivered=1, reason="complete", now_s=0.6), 0.6)
+    host.handle_broker_event(
+        EprDone(request=42, initiator="alice", peer="bob", delivered=1, reason="complete", now_s=0.6), 0.6
+    )
     assert app.state is AppState.DONE
     assert host.status("a").state == "done"
     # Someone else's request never reaches this app.
@@ -136,10 +138,25 @@ def test_listener_gets_deliveries_of_requests_the_peer_initiated() -> None:
     (listen,) = actions(host)
     host.handle_broker_reply(listen.tag, Ok(), 0.0)
     host.handle_broker_event(delivered(7, "bob"), 0.1)
-    host.handle_broker_event(EprDone(request=7, delivered=1, reason="complete", now_s=0.2), 0.2)
+    host.handle_broker_event(
+        EprDone(request=7, initiator="bob", peer="bob", delivered=1, reason="complete", now_s=0.2), 0.2
+    )
     app = host.app("l")
     assert isinstance(app, Recorder)
     assert app.seen[1:] == [("event", "epr_delivered"), ("event", "epr_done")]
+
+
+def test_listener_gets_the_end_of_a_request_that_delivered_nothing() -> None:
+    """epr_done names initiator and peer, so it reaches the listener without a prior delivery."""
+    host = make_host()
+    host.start_app("recorder", "l", {"listen": True}, 0.0)
+    (listen,) = actions(host)
+    host.handle_broker_reply(listen.tag, Ok(), 0.0)
+    host.handle_broker_event(
+        EprDone(request=9, initiator="bob", peer="bob", delivered=0, reason="cancelled", now_s=0.1), 0.1
+    )
+    app = host.app("l")
+    assert isinstance(app, Recorder) and app.seen[1:] == [("event", "epr_done")]
 
 
 def test_peer_messages_are_routed_by_app_name_and_app_bugs_only_fail_that_app() -> None:

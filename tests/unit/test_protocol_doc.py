@@ -442,7 +442,7 @@ SESSION: list[tuple[str, str, str, Any, int, int | None]] = [
     (
         "broker", "alice",
         "event: request 1 finished, 2 pairs delivered.",
-        EprDone(request=1, delivered=2, reason="complete", now_s=0.20035),
+        EprDone(request=1, initiator="alice", peer="bob", delivered=2, reason="complete", now_s=0.20035),
         0, None,
     ),
     (
