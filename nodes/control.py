@@ -13,6 +13,7 @@ State table:
     OPEN         app_start(kind,name,params)-> ok | error unknown_app | error bad_field
     OPEN         app_status_request(name)   -> app_status | error unknown_app
     OPEN         get_stats                  -> stats
+    OPEN         link_fault(peer, cut)      -> ok | error no_link (not a neighbour)
     OPEN         shutdown                   -> ok, ShutdownRequested         CLOSING
     OPEN         ping                       -> pong
     OPEN         bye                        ->                               CLOSED
@@ -44,6 +45,7 @@ from emulator.wire import (
     ErrorCode,
     FrameDecoder,
     GetStats,
+    LinkFault,
     Message,
     Ok,
     Ping,
@@ -85,6 +87,10 @@ class ControlBackend(Protocol):
         """Raise RemoteProtocolError(unknown_app) for an unknown instance."""
 
     def stats(self, now: float) -> dict[str, Any]: ...
+
+    def link_fault(self, peer: str, cut: bool, now: float) -> None:
+        """Cut or restore the classical link to `peer` (idempotent);
+        raise RemoteProtocolError(no_link) if `peer` is not a neighbour."""
 
 
 class ControlState(enum.Enum):
@@ -216,6 +222,9 @@ class ControlSession:
             self._reply(self._backend.app_status(msg.name), re)
         elif isinstance(msg, GetStats):
             self._reply(Stats(now_s=now, stats=self._backend.stats(now)), re)
+        elif isinstance(msg, LinkFault):
+            self._backend.link_fault(msg.peer, msg.cut, now)
+            self._reply(Ok(), re)
         elif isinstance(msg, Shutdown):
             self._reply(Ok(), re)
             self.state = ControlState.CLOSING

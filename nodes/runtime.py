@@ -20,6 +20,20 @@ dial or wait to be dialled; epr events -> apps), then app actions (broker reques
 peer messages), then wakes the writers that have something to send. The lexicographically
 smaller node name dials each link; a dialer retries with back-off while the peer is up.
 
+Addresses (nodes/transport/addressing.py): by default a neighbour is reached at the
+addresses of its `peer_up`; with `dial_by_name` at host = its node name (resolved by
+`NodeOptions.resolver` at each dial attempt, and for UDP whenever probing (re)starts and
+then every second while the neighbour is not up) with the ports of `peer_up`. A
+resolution failure is a retry, logged once per 30 s per neighbour. `hello` reports
+`advertise_host` instead of the bound host when one is set.
+
+Link faults (control `link_fault`, docs/protocol.md §4.5): cutting the link to a
+neighbour closes its TCP link, stops its dialler and name resolution (a generation bump),
+cuts its datagram shaper (outgoing datagrams dropped) and makes the UDP reader drop what
+it sends; the link core refuses its `link_hello` with `no_link`; app messages wait in its
+outbox. Restoring starts dialler and resolver again; the outbox drains on the next
+`LinkEstablished`. Liveness is not told: it sees the probes go unanswered.
+
 Shutdown (SIGTERM/SIGINT or control `shutdown`): links say `bye`, the broker session
 says `bye`, writers get a short grace period to flush, then everything is cancelled.
 """
@@ -31,7 +45,7 @@ import logging
 import math
 import signal
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +58,7 @@ from emulator.wire import (
     EprDelivered,
     EprDone,
     Error,
+    ErrorCode,
     LinkInfo,
     LocalProtocolError,
     Message,
@@ -67,6 +82,7 @@ from .qdevice import (
     ReplyReceived,
     SessionState,
 )
+from .transport.addressing import LogThrottle, advertised_address, datagram_peer, dial_address, parse_hosts
 from .transport.link import (
     LinkClosed,
     LinkConnection,
@@ -78,12 +94,20 @@ from .transport.link import (
     MessageReceived,
     PeerRejected,
 )
-from .transport.liveness import Liveness, LinkDown, LinkUp
+from .transport.liveness import Liveness, LivenessState, LinkDown, LinkUp
 from .transport.shaper import DatagramShaper, ShaperConfig, StreamShaper, shaper_rng
 from .transport.tcp_io import LinkIO, Waker
 from .transport.udp_io import UdpEndpoint
 
-__all__ = ["BrokerUnavailable", "NodeOptions", "NodeRuntime", "RegistrationFailed"]
+__all__ = [
+    "BrokerUnavailable",
+    "NodeOptions",
+    "NodeRuntime",
+    "RegistrationFailed",
+    "Resolver",
+    "hosts_file_resolver",
+    "resolve_by_dns",
+]
 
 log = logging.getLogger("nodes.runtime")
 
@@ -91,6 +115,43 @@ _RECEIVE_BYTES = 256 * 1024
 _MAX_OUTBOX = 10_000  # app messages held per peer while its link is down
 _SHUTDOWN_FLUSH_S = 1.0
 _DIAL_BACKOFF_MAX_S = 2.0
+_DIAL_TIMEOUT_S = 3.0  # wall seconds for one TCP connect attempt to a neighbour
+_RESOLVE_INTERVAL_S = 1.0  # re-resolve a neighbour's name this often while it is not up
+_RESOLVE_RETRY_S = 0.5  # ... and this soon after a failed resolution
+_RESOLVE_LOG_INTERVAL_S = 30.0  # one "cannot resolve" line per neighbour per this many seconds
+
+# (name, address family) -> numeric host; raises OSError when the name does not resolve.
+Resolver = Callable[[str, int], Awaitable[str]]
+
+
+async def resolve_by_dns(name: str, family: int) -> str:
+    """The default resolver: the system's `getaddrinfo` (DNS, /etc/hosts), first answer."""
+    infos = await trio.socket.getaddrinfo(name, None, family=family, type=trio.socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"no address for {name!r}")
+    return str(infos[0][4][0])
+
+
+def hosts_file_resolver(path: Path) -> Resolver:
+    """TEST SEAM: resolve names from a file in /etc/hosts format, re-read at every lookup.
+
+    For tests on one host, where node names cannot be made to resolve through DNS
+    (`python -m nodes` installs it when QNETEM_TEST_HOSTS_FILE is set). A name missing
+    from the file does not resolve; editing the file between lookups emulates an
+    address that changes.
+    """
+
+    async def resolve(name: str, family: int) -> str:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"cannot read the test hosts file: {exc.strerror or exc}") from None
+        host = parse_hosts(text).get(name)
+        if host is None:
+            raise OSError(f"{name!r} is not in the test hosts file")
+        return host
+
+    return resolve
 
 
 class RegistrationFailed(Exception):
@@ -111,8 +172,13 @@ class NodeOptions:
     data_dir: Path | None = None
     probe_interval_s: float = 0.1  # wall seconds between liveness probes
     probe_miss_limit: int = 3
-    connect_timeout_s: float = 10.0  # wall seconds to reach the broker and register
+    # Wall seconds to reach the broker and register; a node started before its broker
+    # (compose starts everything at once) keeps trying for this long.
+    connect_timeout_s: float = 30.0
     handshake_timeout_s: float = 10.0
+    dial_by_name: bool = False  # reach neighbours at host = their node name (containers)
+    advertise_host: str | None = None  # host reported in `hello` instead of the bound one
+    resolver: Resolver = dataclasses.field(default=resolve_by_dns, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -129,6 +195,11 @@ class _Peer:
     totals: dict[str, int] = dataclasses.field(default_factory=dict)  # stats of closed connections
     udp_in: int = 0
     connects: int = 0
+    udp_target: Address | None = None  # where datagrams to it go (peer_up's udp, or its resolved name)
+    cut: bool = False  # the classical link is cut by a fault (control `link_fault`)
+    cuts: int = 0
+    udp_cut_dropped_in: int = 0  # datagrams from it dropped while cut
+    resolve_failures: int = 0
 
 
 _LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "malformed_in", "errors_in")
@@ -160,6 +231,7 @@ class NodeRuntime:
         self._control_unauthorized = 0
         self._links_rejected = 0
         self._incoming_links: set[LinkIO] = set()
+        self._resolve_log = LogThrottle(_RESOLVE_LOG_INTERVAL_S)
         self.tcp_address: Address = ("", 0)
         self.udp_address: Address = ("", 0)
         self.control_address: Address = ("", 0)
@@ -189,11 +261,15 @@ class NodeRuntime:
         links.<peer>: frames_in/out, bytes_in/out, malformed_in, errors_in (all connections
           so far), connected (TCP link open), connects, state (liveness: up/down/unknown),
           rtt_s (emulated) and rtt_wall_s (smoothed probe RTT), probes_sent, probe_acks,
-          udp_queued, udp_dropped (shaper loss), udp_received, outbox, outbox_dropped;
+          udp_queued, udp_dropped (shaper loss), udp_received, outbox, outbox_dropped,
+          cut (link cut by a fault now), cuts (times cut), udp_cut_dropped (datagrams
+          to or from it lost to cuts), resolve_failures (dial by name);
         broker: requests, replies, errors, events, outstanding, malformed_in,
           rtt_last_wall_s, rtt_mean_wall_s;
         apps: {name: {kind, state}}; control: sessions, unauthorized;
-        udp: unknown_source, malformed, sent; links_rejected; app_messages_unroutable.
+        udp: unknown_source (datagrams naming no up neighbour, or from no neighbour's
+          address if they name nobody), malformed, sent; links_rejected (refused link
+          handshakes, not counting refusals of a cut neighbour); app_messages_unroutable.
         """
         scale = self.qdev.time_scale
         links: dict[str, Any] = {}
@@ -220,6 +296,10 @@ class NodeRuntime:
                 "udp_received": peer.udp_in,
                 "outbox": len(peer.outbox),
                 "outbox_dropped": peer.outbox_dropped,
+                "cut": peer.cut,
+                "cuts": peer.cuts,
+                "udp_cut_dropped": shaper_stats.cut_dropped + peer.udp_cut_dropped_in,
+                "resolve_failures": peer.resolve_failures,
             }
         q = self.qdev.statistics()
         host = self.host
@@ -246,6 +326,30 @@ class NodeRuntime:
             },
             "links_rejected": self._links_rejected,
         }
+
+    def link_fault(self, peer_name: str, cut: bool, now: float) -> None:
+        """Cut or restore the classical link to a neighbour (control `link_fault`; idempotent)."""
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise RemoteProtocolError(ErrorCode.NO_LINK, f"{peer_name[:64]!r} is not a neighbour of {self.name!r}")
+        if peer.cut == cut:
+            return
+        peer.cut = cut
+        peer.udp_shaper.set_cut(cut)
+        peer.generation += 1  # the running dialler and resolver of this link stop
+        if cut:
+            peer.cuts += 1
+            wall = self._wall()
+            links = {link for link in self._incoming_links if link.core.peer == peer_name}
+            if peer.link is not None:
+                links.add(peer.link)
+            for link in links:
+                link.core.close(wall)
+                link.wake()
+            log.warning("classical link to %s cut (fault)", peer_name)
+        else:
+            log.info("classical link to %s restored", peer_name)
+            self._start_peer_tasks(peer_name)
 
     # ================================================================== clock
 
@@ -310,7 +414,13 @@ class NodeRuntime:
                     raise BrokerUnavailable(f"cannot connect to the broker at {host}:{port}: {exc.strerror or exc}") from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        self.qdev.register(tcp=self.tcp_address, udp=self.udp_address, control=self.control_address, now=self._wall())
+        advertise = self.options.advertise_host
+        self.qdev.register(
+            tcp=advertised_address(self.tcp_address, advertise),
+            udp=advertised_address(self.udp_address, advertise),
+            control=advertised_address(self.control_address, advertise),
+            now=self._wall(),
+        )
         stream = self._broker_stream
         await stream.send_all(self.qdev.data_to_send())
         with trio.move_on_at(deadline) as scope:
@@ -426,20 +536,35 @@ class NodeRuntime:
         peer.generation += 1
         peer.tcp = (msg.tcp[0], msg.tcp[1])
         peer.udp = (msg.udp[0], msg.udp[1])
+        by_name = self.options.dial_by_name
+        peer.udp_target = None if by_name else peer.udp  # by name: set once resolved
         self.liveness.add_peer(msg.node, self._wall())
-        log.info("peer %s up (tcp %s:%d)", msg.node, *peer.tcp)
-        if self.name < msg.node and self._nursery is not None:
-            if peer.link is not None:
-                peer.link.core.close(self._wall())
-                peer.link.wake()
-            self._nursery.start_soon(self._dial, msg.node, peer.generation)
+        log.info(
+            "peer %s up (tcp %s:%d)%s%s",
+            msg.node, *dial_address(msg.node, peer.tcp, by_name=by_name),
+            " by name" if by_name else "", "; link cut" if peer.cut else "",
+        )  # fmt: skip
+        if self.name < msg.node and self._nursery is not None and peer.link is not None:
+            peer.link.core.close(self._wall())
+            peer.link.wake()
+        self._start_peer_tasks(msg.node)
+
+    def _start_peer_tasks(self, name: str) -> None:
+        """Start this generation's dialler (if we dial) and name resolver (if by name)."""
+        peer = self.peers[name]
+        if self._nursery is None or self._closing or peer.cut or peer.tcp is None:
+            return
+        if self.options.dial_by_name:
+            self._nursery.start_soon(self._resolve_udp, name, peer.generation)
+        if self.name < name:
+            self._nursery.start_soon(self._dial, name, peer.generation)
 
     def _on_peer_down(self, name: str) -> None:
         peer = self.peers.get(name)
         if peer is None:
             return
         peer.generation += 1
-        peer.tcp = peer.udp = None
+        peer.tcp = peer.udp = peer.udp_target = None
         self.liveness.remove_peer(name)
         if peer.link is not None:
             peer.link.core.close(self._wall())
@@ -453,19 +578,61 @@ class NodeRuntime:
             return None
         return StreamShaper(peer.stream_config, shaper_rng(welcome.seed, peer_name, "tcp"))
 
+    async def _resolve(self, peer: _Peer) -> str | None:
+        """The neighbour's node name resolved now, or None (counted; logged, rate-limited)."""
+        name = peer.info.peer
+        assert self._udp is not None
+        try:
+            return await self.options.resolver(name, self._udp.family)
+        except OSError as exc:
+            peer.resolve_failures += 1
+            if self._resolve_log.allow(name, self._wall()):
+                log.warning("cannot resolve neighbour %s: %s (retrying)", name, exc.strerror or exc)
+            return None
+
+    async def _resolve_udp(self, peer_name: str, generation: int) -> None:
+        """By name: keep the neighbour's datagram address resolved while it is not up."""
+        while not self._closing:
+            peer = self.peers[peer_name]
+            if peer.generation != generation or peer.udp is None:
+                return
+            pause = _RESOLVE_INTERVAL_S
+            if peer.udp_target is None or self.liveness.state(peer_name) is not LivenessState.UP:
+                host = await self._resolve(peer)
+                if peer.generation != generation or peer.udp is None:
+                    return
+                if host is None:
+                    pause = _RESOLVE_RETRY_S
+                else:
+                    target = (host, peer.udp[1])
+                    if target != peer.udp_target:
+                        log.info("neighbour %s: datagrams to %s:%d", peer_name, *target)
+                    peer.udp_target = target
+            await trio.sleep(pause)
+
     async def _dial(self, peer_name: str, generation: int) -> None:
         delay = 0.05
         while not self._closing:
             peer = self.peers[peer_name]
             if peer.generation != generation or peer.tcp is None:
                 return
+            host, port = dial_address(peer_name, peer.tcp, by_name=self.options.dial_by_name)
+            resolved = await self._resolve(peer) if self.options.dial_by_name else host
             try:
-                stream = await trio.open_tcp_stream(*peer.tcp)
-            except OSError as exc:
+                if resolved is None:
+                    raise OSError("name not resolved")  # logged by _resolve
+                # Bounded: a SYN to an address cut off by a fault gets no answer at all.
+                with trio.fail_after(_DIAL_TIMEOUT_S):
+                    stream = await trio.open_tcp_stream(resolved, port)
+            except (OSError, trio.TooSlowError) as exc:
                 log.debug("dial %s failed: %s", peer_name, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, _DIAL_BACKOFF_MAX_S)
                 continue
+            if peer.generation != generation:  # cut or peer_down/up while connecting
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                return
             shaper = self._stream_shaper(peer_name)
             assert shaper is not None
             core = LinkConnection(
@@ -477,14 +644,22 @@ class NodeRuntime:
                 await link.run(handshake_timeout_s=self.options.handshake_timeout_s)
             except Exception:  # a bug on one connection must not take the node down
                 log.exception("link connection to %s failed", peer_name)
-            if link.refused:
+            if link.refused and not link.refusal_retryable:
                 return  # the peer said no (e.g. unauthorized): retrying cannot help
+            if link.refused:  # no_link: the link is cut at the peer's end for now
+                await trio.sleep(delay)
+                delay = min(delay * 2, _DIAL_BACKOFF_MAX_S)
+                continue
             delay = 0.05
             await trio.sleep(delay)
 
     async def _serve_incoming_link(self, stream: trio.SocketStream) -> None:
         core = LinkConnection(
-            LinkRole.LISTENER, local_node=self.name, token=self.options.token, shaper_factory=self._stream_shaper
+            LinkRole.LISTENER,
+            local_node=self.name,
+            token=self.options.token,
+            shaper_factory=self._stream_shaper,
+            is_cut=self._is_cut,
         )
         link = LinkIO(core, stream, self._on_link_input)
         self._incoming_links.add(link)
@@ -495,11 +670,19 @@ class NodeRuntime:
         finally:
             self._incoming_links.discard(link)
 
+    def _is_cut(self, peer_name: str) -> bool:
+        peer = self.peers.get(peer_name)
+        return peer is not None and peer.cut
+
     def _on_link_input(self, link: LinkIO) -> None:
         core = link.core
         while (event := core.next_event()) is not None:
             if isinstance(event, LinkEstablished):
                 peer = self.peers[event.peer]
+                if peer.cut:  # a handshake that was under way when the link was cut
+                    core.close(self._wall())
+                    log.info("link to %s closed at once: the link is cut", event.peer)
+                    continue
                 old = peer.link
                 if old is not None and old is not link:
                     old.core.close(self._wall())
@@ -516,11 +699,18 @@ class NodeRuntime:
                 assert self.host is not None
                 self.host.handle_peer_message(event.peer, event.message, self._em_now())
             elif isinstance(event, PeerRejected):
+                if event.code is ErrorCode.NO_LINK:  # a neighbour dialling a cut link: no intruder
+                    log.info("refused a link from %s: the link is cut", event.claimed_node)
+                    continue
                 self._links_rejected += 1
                 log.warning("refused a link from %r: %s", (event.claimed_node or "?")[:64], event.code.value)
             elif isinstance(event, LinkRefused):
                 link.refused = True
-                log.error("link to %s refused by the peer: %s: %s", core.peer, event.code, event.message[:200])
+                link.refusal_retryable = event.retryable
+                if event.retryable:
+                    log.info("link to %s refused by the peer for now: %s", core.peer, event.code)
+                else:
+                    log.error("link to %s refused by the peer: %s: %s", core.peer, event.code, event.message[:200])
             elif isinstance(event, MalformedInput):
                 log.warning("malformed input on the link to %s: %s", core.peer or "?", event.code.value)
             elif isinstance(event, LinkClosed):
@@ -623,9 +813,10 @@ class NodeRuntime:
 
     def _send_datagram(self, peer_name: str, message: Message) -> None:
         peer = self.peers.get(peer_name)
-        if peer is None or peer.udp is None or self._udp is None:
-            return
-        self._udp.queue(peer.udp_shaper, encode_datagram(message), peer.udp, self._wall())
+        if peer is None or peer.udp_target is None or self._udp is None:
+            return  # not up, or (by name) not resolved yet: like a lost datagram
+        # A cut link's shaper drops it (counted there).
+        self._udp.queue(peer.udp_shaper, encode_datagram(message), peer.udp_target, self._wall())
 
     def _flush_probes(self) -> None:
         for peer_name, probe in self.liveness.probes_to_send():
@@ -639,12 +830,6 @@ class NodeRuntime:
             elif isinstance(event, LinkDown):
                 log.warning("link to %s is down (%d probes unanswered)", event.peer, self.liveness.miss_limit)
 
-    def _peer_of_address(self, address: tuple[str, int]) -> str | None:
-        for name, peer in self.peers.items():
-            if peer.udp is not None and peer.udp[1] == address[1] and (peer.udp[0] == address[0] or peer.udp[0] in ("localhost", "0.0.0.0", "::")):
-                return name
-        return None
-
     async def _udp_reader(self) -> None:
         assert self._udp is not None
         while True:
@@ -652,15 +837,21 @@ class NodeRuntime:
                 data, address = await self._udp.receive()
             except OSError:
                 continue  # e.g. ICMP unreachable reported on the socket
-            peer_name = self._peer_of_address(address)
+            try:
+                msg: Message | None = decode(data).message
+            except RemoteProtocolError:
+                msg = None
+            targets = {name: p.udp_target for name, p in self.peers.items()}
+            peer_name = datagram_peer(msg, address, targets)
             if peer_name is None:
                 self._udp_unknown += 1
                 continue
             peer = self.peers[peer_name]
+            if peer.cut:
+                peer.udp_cut_dropped_in += 1
+                continue
             peer.udp_in += 1
-            try:
-                msg = decode(data).message
-            except RemoteProtocolError:
+            if msg is None:
                 self._udp_malformed += 1  # datagrams get no answer: dropped and counted
                 continue
             if isinstance(msg, Probe) and msg.node == peer_name:

@@ -43,6 +43,8 @@ class EventKind(enum.StrEnum):
     APP_STARTED = "app_started"
     APP_DONE = "app_done"
     APP_FAILED = "app_failed"
+    FAULT_APPLIED = "fault_applied"  # a scenario fault took effect (node down/frozen, link cut)
+    FAULT_REVERTED = "fault_reverted"  # ... and was undone (node restarted/thawed, link restored)
     EXPECTATION = "expectation"
     RUN_FINISHED = "run_finished"
 

@@ -452,6 +452,22 @@ def _expectations_html(results: Mapping[str, Any]) -> str:
     )
 
 
+def _faults_html(results: Mapping[str, Any]) -> str:
+    """Each planned fault and each step the runtime took for it (results.json `faults`)."""
+    faults = _mapping(results.get("faults"))
+    planned = [_mapping(f) for f in _list(faults.get("planned"))]
+    if not planned:
+        return '<p class="note">The scenario injects no faults.</p>'
+    steps = [_mapping(s) for s in _list(faults.get("steps"))]
+    rows = []
+    for fault in planned:
+        index = fault.get("index")
+        taken = [s for s in steps if s.get("fault") == index]
+        done = "; ".join(f"{_e(s.get('action'))} at {_num(s.get('at_s'), 3)} s" for s in taken) or "not reached"
+        rows.append((_e(index), _e(fault.get("description", fault.get("kind"))), done))
+    return f"<p>runtime: {_e(results.get('runtime', 'local'))}</p>" + _table(("#", "fault", "steps taken"), rows)
+
+
 def _links_html(results: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:
     links = [_mapping(x) for x in _list(scenario.get("links"))]
     if not links:
@@ -542,6 +558,7 @@ def _page(results: Mapping[str, Any], scenario: Mapping[str, Any], models: Mappi
         "<h2>Summary</h2>", _summary_html(results, scenario),
         "<h2>Apps</h2>", _apps_html(results, models),
         "<h2>Expectations</h2>", _expectations_html(results),
+        "<h2>Faults</h2>", _faults_html(results),
         "<h2>Links</h2>", _links_html(results, scenario),
         "<h2>Nodes</h2>", _nodes_html(scenario),
         "<h2>Plots</h2>", _figures_html(drawn),

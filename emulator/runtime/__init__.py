@@ -1,12 +1,15 @@
-"""Launching a scenario: the orchestrator's plan and timeline, admin sessions, the local runtime.
+"""Launching a scenario: the orchestrator's plan and timeline, admin sessions, the runtimes.
 
-`run_scenario(RunOptions(...))` runs a scenario with local processes and returns a
-`RunOutcome` (exit code, run directory, results). `orchestrator` holds the sans-IO
-decisions; `admin_client` the trio client of admin sessions; `local` the processes.
+`run_scenario(RunOptions(...))` runs a scenario and returns a `RunOutcome` (exit code,
+run directory, results). `orchestrator` and `faults` hold the sans-IO decisions;
+`driver` the trio shell that drives a run; `admin_client` the client of admin
+sessions; the deployments `local` (processes), `docker` (containers) and `conductor`
+(a compose project started everything); `compose` writes compose projects; `image`
+builds the container image; `cleanup` removes leftovers by label.
 """
 
 from .admin_client import AdminClient, AdminConnectionError, AdminError, AdminRequestError, AdminTimeoutError
-from .local import InvalidInput, RunOptions, RunOutcome, RuntimeFailure, load_plan, run_scenario
+from .driver import InvalidInput, RunOptions, RunOutcome, RuntimeFailure, load_plan, run_scenario
 from .orchestrator import (
     AppPlan,
     EmulatedClock,

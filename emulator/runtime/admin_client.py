@@ -29,6 +29,7 @@ from emulator.wire import (
     Error,
     FrameDecoder,
     GetStats,
+    LinkFault,
     Message,
     Ok,
     RemoteProtocolError,
@@ -176,6 +177,13 @@ class AdminClient:
 
     async def app_status(self, name: str) -> AppStatus:
         return await self.request(AppStatusRequest(name=name), AppStatus)
+
+    async def link_fault(self, peer: str, cut: bool) -> None:
+        """Node control endpoint: cut (`cut=True`) or restore the classical link to `peer`.
+
+        Raises `AdminRequestError` with code `no_link` if `peer` is not a neighbour.
+        """
+        await self.request(LinkFault(peer=peer, cut=cut), Ok)
 
     async def shutdown(self) -> None:
         """Ask the server to exit; a connection closed instead of `ok` counts as success.

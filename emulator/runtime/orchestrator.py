@@ -1,7 +1,8 @@
 """The orchestrator's decisions, without I/O: the run plan, registration, the timeline.
 
 Theory of operation: `plan_from_scenario` turns a validated scenario into a `RunPlan`
-(nodes to launch, apps with their start offsets, expectations). The I/O shell
+(nodes to launch, apps with their start offsets, expectations, faults as `FaultPlan`s
+whose apply/revert schedule `emulator.runtime.faults.FaultSchedule` keeps). The I/O shell
 (`emulator.runtime.local`) then feeds the objects below with what it observes and acts
 on what they say:
 
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from emulator.report.results import AppOutcome, AppState, ExpectationSpec
+from emulator.scenario.fault_kinds import FaultKind, FaultTarget
 
 __all__ = [
     "AppChanged",
@@ -38,6 +40,8 @@ __all__ = [
     "AppStartRequest",
     "EmulatedClock",
     "ExitCode",
+    "FaultKind",
+    "FaultPlan",
     "FinishReason",
     "NodePlan",
     "PlanError",
@@ -124,6 +128,72 @@ class AppPlan:
 
 
 @_frozen
+class FaultPlan:
+    """One scenario fault, as the runtime injects it (kinds: `emulator.scenario.fault_kinds`).
+
+    `index` is 1-based (`fault 1` in events and messages); `at_s` and `for_s` are
+    emulated seconds from the timeline origin; exactly one of `node` and `link` is
+    set, as `kind.target` says; `link` is in the order the scenario's link lists
+    its endpoints.
+    """
+
+    index: int
+    kind: FaultKind
+    at_s: float
+    for_s: float | None
+    node: str | None = None
+    link: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", FaultKind(self.kind))  # "node-crash" -> FaultKind.NODE_CRASH
+        if self.link is not None:
+            object.__setattr__(self, "link", tuple(self.link))
+        if self.index < 1:
+            raise ValueError(f"fault index is 1-based, got {self.index}")
+        if not (math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ValueError(f"fault {self.index}: at_s must be finite and >= 0, got {self.at_s!r}")
+        if self.for_s is not None and not (math.isfinite(self.for_s) and self.for_s > 0):
+            raise ValueError(f"fault {self.index}: for_s must be finite and > 0 when given, got {self.for_s!r}")
+        wants_node = self.kind.target is FaultTarget.NODE
+        if wants_node != (self.node is not None) or wants_node == (self.link is not None):
+            raise ValueError(f"fault {self.index}: {self.kind} needs exactly a {self.kind.target.value}")
+
+    @property
+    def target_label(self) -> str:
+        """`bob` for a node, `[alice, bob]` for a link (as the scenario writes them)."""
+        if self.link is not None:
+            return f"[{self.link[0]}, {self.link[1]}]"
+        return str(self.node)
+
+    @property
+    def revert_s(self) -> float | None:
+        """When the fault is reverted (timeline offset): `at + for`, `at` for a node-restart
+        without `for`, None when it lasts until the run ends."""
+        if self.for_s is not None:
+            return self.at_s + self.for_s
+        return None if self.kind.lasts_to_end_without_for else self.at_s
+
+    def describe(self) -> str:
+        """`node-crash bob at 2 s for 3 s`, `link-cut [alice, bob] at 8 s until the end`."""
+        text = f"{self.kind.value} {self.target_label} at {self.at_s:g} s"
+        if self.for_s is not None:
+            return f"{text} for {self.for_s:g} s"
+        return f"{text} until the end" if self.kind.lasts_to_end_without_for else text
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (for events.jsonl and results.json)."""
+        return {
+            "index": self.index,
+            "kind": self.kind.value,
+            "at_s": self.at_s,
+            "for_s": self.for_s,
+            "node": self.node,
+            "link": None if self.link is None else list(self.link),
+            "description": self.describe(),
+        }
+
+
+@_frozen
 class RunPlan:
     name: str
     seed: int
@@ -132,6 +202,8 @@ class RunPlan:
     nodes: tuple[NodePlan, ...]
     apps: tuple[AppPlan, ...]
     expectations: tuple[ExpectationSpec, ...]
+    faults: tuple[FaultPlan, ...] = ()
+    links: tuple[tuple[str, str], ...] = ()  # each classical link's two endpoints, scenario order
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -206,6 +278,7 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
                 max=_opt_float(_get(spec, "max")),
             )
         )
+    faults = _plan_faults(scenario, {n.name: n for n in nodes})
     return RunPlan(
         name=str(_get(scenario, "name")),
         seed=int(_get(scenario, "seed", 0) or 0),
@@ -214,7 +287,53 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
         nodes=tuple(nodes),
         apps=tuple(apps),
         expectations=tuple(expectations),
+        faults=faults,
+        links=tuple(
+            (str(a), str(b)) for a, b in (_get(link, "endpoints") for link in (_get(scenario, "links") or ()))
+        ),
     )
+
+
+def _plan_faults(scenario: Any, nodes: Mapping[str, NodePlan]) -> tuple[FaultPlan, ...]:
+    """The scenario's faults as `FaultPlan`s; the checks repeat what validation does for
+    a `scenario_to_dict` form that did not go through it."""
+    link_orders: dict[frozenset[str], tuple[str, str]] = {}
+    for spec in _get(scenario, "links") or ():
+        ends = tuple(str(e) for e in (_get(spec, "endpoints") or ()))
+        if len(ends) == 2 and ends[0] != ends[1]:
+            link_orders.setdefault(frozenset(ends), (ends[0], ends[1]))
+    faults = []
+    for position, spec in enumerate(_get(scenario, "faults") or ()):
+        index = position + 1
+        raw_kind = _get(spec, "kind")
+        try:
+            kind = FaultKind(raw_kind)
+        except ValueError:
+            raise PlanError(f"fault {index}: kind {raw_kind!r} is not supported by this orchestrator") from None
+        at_s = _first(spec, ("at_s", "at"))
+        if at_s is None:
+            raise PlanError(f"fault {index}: no `at`")
+        for_s = _opt_float(_first(spec, ("for_s", "for")))
+        node: str | None = None
+        link: tuple[str, str] | None = None
+        if kind.target is FaultTarget.NODE:
+            node = str(_get(spec, "node"))
+            if node not in nodes:
+                raise PlanError(f"fault {index}: unknown node {node!r}")
+            if nodes[node].external:
+                verb = kind.value.partition("-")[2]
+                raise PlanError(f"fault {index}: node {node} is external; qnetem cannot {verb} a process it did not start")
+        else:
+            ends = tuple(str(e) for e in (_get(spec, "link") or ()))
+            found = link_orders.get(frozenset(ends)) if len(ends) == 2 else None
+            if found is None:
+                raise PlanError(f"fault {index}: no link between {' and '.join(map(repr, ends)) or 'the nodes given'}")
+            link = found
+        try:
+            faults.append(FaultPlan(index, kind, float(at_s), for_s, node, link))
+        except ValueError as err:
+            raise PlanError(str(err)) from None
+    return tuple(faults)
 
 
 def _opt_float(x: Any) -> float | None:
@@ -276,6 +395,10 @@ class RegistrationTracker:
             _get(s, "name") for s in statuses
             if _get(s, "name") in self._registered and not _get(s, "registered")
         ]  # fmt: skip
+
+    def forget(self, name: str) -> None:
+        """`name` left on purpose (a fault): its next registration is reported as new."""
+        self._registered.pop(name, None)
 
     @property
     def complete(self) -> bool:

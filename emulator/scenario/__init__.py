@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         scenario_from_dict,
         scenario_to_dict,
     )
+    from emulator.scenario.fault_kinds import FaultKind, FaultTarget
     from emulator.scenario.schema import (
         APP_KINDS,
         METRICS,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         EntanglementScheme,
         EprTest,
         Expectation,
+        Fault,
         Link,
         LinkDefaults,
         Memory,
@@ -58,11 +60,12 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         [
             "APP_KINDS", "METRICS", "App", "AppBase", "ClassicalLink", "Defaults", "Entanglement",
-            "EntanglementScheme", "EprTest", "Expectation", "Link", "LinkDefaults", "Memory", "MetricScope",
+            "EntanglementScheme", "EprTest", "Expectation", "Fault", "Link", "LinkDefaults", "Memory", "MetricScope",
             "MetricSpec", "Node", "Role", "Scenario", "Topology", "register_metric", "render_reference",
         ],
         "emulator.scenario.schema",
     ),
+    **dict.fromkeys(["FaultKind", "FaultTarget"], "emulator.scenario.fault_kinds"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,18 +13,22 @@ Validation happens in three steps, all driven by :func:`check_data`:
 1. **Preparation** (:func:`_prepare`, also run as the ``Scenario`` *before*
    validator): fill in what the file leaves to the scenario itself — the
    ``defaults`` section is merged field by field into every node memory and every
-   link, an app without a ``name`` gets ``<kind>-<index>``, and a node written
-   with no settings (``alice:``) becomes ``{}``.  Defaults are merged only when
-   the ``defaults`` section is valid on its own, so one bad default is reported
+   link, an app without a ``name`` gets ``<kind>-<index>``, a node written
+   with no settings (``alice:``) becomes ``{}``, and a fault's ``link`` is
+   written in the order its link declares the endpoints.  Defaults are merged
+   only when the ``defaults`` section is valid on its own, so one bad default is reported
    once, where it is written, and not again at every node.
 2. **Model validation** by pydantic with ``extra="forbid"`` everywhere: unknown
    keys are errors, units are normalised to SI floats (see ``units.py``), and
    per-object rules that need a sibling field (T2 <= 2·T1,
-   ``bright_state_alpha`` only with ``single-click``, ``min <= max``) are field
+   ``bright_state_alpha`` only with ``single-click``, ``min <= max``, a fault's
+   ``node`` or ``link`` as its ``kind`` needs) are field
    validators so the error points at the offending field.
 3. **Cross-field checks** (:func:`_topology_issues`): link endpoints are declared
    and distinct, no pair is linked twice, app nodes exist and are linked as the
-   app kind needs, expectation targets exist.  They run on each list item that
+   app kind needs, expectation targets exist, faults (:func:`_fault_issues`)
+   name a node qnetem starts or an existing link, apply before the run ends
+   and do not overlap on one target.  They run on each list item that
    validates *on its own*, so a scenario with a type error in one link and an
    unknown node in another reports both.
 
@@ -74,6 +78,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from emulator.scenario.fault_kinds import FaultKind, FaultTarget
 from emulator.scenario.units import (
     DURATION_UNITS_S,
     FREQUENCY_UNITS_HZ,
@@ -107,6 +112,8 @@ __all__ = [
     "EntanglementScheme",
     "EprTest",
     "Expectation",
+    "Fault",
+    "FaultKind",
     "FieldIssue",
     "Link",
     "LinkDefaults",
@@ -486,6 +493,76 @@ class Expectation(_Model):
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
 
+class Fault(_Model):
+    """A fault the runtime injects at the process or container boundary.
+
+    At `at` the fault is applied to its target (a `node` or a `link`, as its
+    `kind` says); after `for` it is reverted. Times are emulated and count from the
+    instant every node has registered, like an app's `start`. Faults on the same
+    target may not overlap in time; a fault without `for` lasts until the run ends,
+    except `node-restart`, which then starts the node again at once. A `for` may
+    run past `duration`: when the run ends, frozen nodes are resumed and cut links
+    restored before everything stops. External nodes cannot be crashed, restarted
+    or frozen: qnetem did not start them. See [Fault kinds](#fault-kinds).
+    """
+
+    kind: FaultKind = Field(description="What to inject, see [Fault kinds](#fault-kinds).")
+    at_s: Duration = Field(
+        alias="at", description="When to apply the fault, in emulated time after all nodes registered; before `duration`."
+    )
+    node: Name | None = Field(
+        None, validate_default=True,
+        description="The node, for `node-*` kinds (required there, not allowed for `link-cut`); not an external node.",
+    )
+    link: tuple[Name, Name] | None = Field(
+        None, validate_default=True,
+        description="The endpoints of an existing link, either order, for `link-cut` (required there, not allowed otherwise).",
+    )
+    for_s: PositiveDuration | None = Field(
+        None, alias="for",
+        description="How long the fault lasts before it is reverted, > 0; absent: until the run ends "
+                    "(`node-restart`: the node is started again at once).",
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _node_matches_kind(cls, node: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if isinstance(kind, FaultKind):
+            if kind.target is FaultTarget.NODE and node is None:
+                raise _error("fault_node_missing", f"missing required field 'node': {kind} acts on a node")
+            if kind.target is FaultTarget.LINK and node is not None:
+                raise _error("fault_node_forbidden",
+                             f"{kind} acts on a link, not a node: remove `node` and give `link: [a, b]`")
+        return node
+
+    @field_validator("link")
+    @classmethod
+    def _link_matches_kind(cls, link: tuple[str, str] | None, info: ValidationInfo) -> tuple[str, str] | None:
+        kind = info.data.get("kind")
+        if isinstance(kind, FaultKind):
+            if kind.target is FaultTarget.LINK and link is None:
+                raise _error("fault_link_missing", f"missing required field 'link': {kind} acts on a link, give `link: [a, b]`")
+            if kind.target is FaultTarget.NODE and link is not None:
+                raise _error("fault_link_forbidden", f"{kind} acts on a node, not a link: remove `link` and give `node`")
+        return link
+
+    @property
+    def end_s(self) -> float:
+        """When the fault stops being in force: `at + for`; without `for` inf (`node-restart`: `at`)."""
+        if self.for_s is not None:
+            return self.at_s + self.for_s
+        return math.inf if self.kind.lasts_to_end_without_for else self.at_s
+
+    def describe(self) -> str:
+        """`node-crash bob at 2 s for 3 s`, `link-cut [alice, bob] at 8 s until the end`."""
+        target = self.node if self.link is None else f"[{self.link[0]}, {self.link[1]}]"
+        text = f"{self.kind} {target} at {_fmt_s(self.at_s)}"
+        if self.for_s is not None:
+            return f"{text} for {_fmt_s(self.for_s)}"
+        return f"{text} until the end" if self.kind.lasts_to_end_without_for else text
+
+
 def _readonly_mapping(value: dict[str, Node]) -> Mapping[str, Node]:
     return types.MappingProxyType(value)
 
@@ -518,6 +595,9 @@ class Scenario(_Model):
     links: tuple[Link, ...] = Field((), max_length=4096, description="Links between nodes; at most one per pair.")
     apps: tuple[App, ...] = Field((), max_length=1024, description="Apps to run, each selected by its `kind`.")
     expect: tuple[Expectation, ...] = Field((), max_length=1024, description="Expectations checked at the end of the run.")
+    faults: tuple[Fault, ...] = Field(
+        (), max_length=1024, description="Faults injected during the run, see [Fault](#fault)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -537,6 +617,12 @@ class Scenario(_Model):
             list(enumerate(self.expect)),
             self.duration_s,
             None,
+        )
+        issues += _fault_issues(
+            {name: node.external for name, node in self.nodes.items()},
+            [link.endpoints for link in self.links],
+            list(enumerate(self.faults)),
+            self.duration_s,
         )
         if issues:
             raise _error("scenario", "; ".join(f"{format_path(i.loc)}: {i.message}" for i in issues))
@@ -582,6 +668,7 @@ _DEFAULTS_ADAPTER: Final = TypeAdapter(Defaults)
 _ENDPOINTS_ADAPTER: Final = TypeAdapter(tuple[Name, Name])
 _APP_ADAPTER: Final = TypeAdapter(App)
 _EXPECTATION_ADAPTER: Final = TypeAdapter(Expectation)
+_FAULT_ADAPTER: Final = TypeAdapter(Fault)
 
 
 def _prepare(data: Any) -> Any:
@@ -644,6 +731,37 @@ def _prepare(data: Any) -> Any:
                     app = {**app, "name": f"{kind}-{index}"}
             named.append(app)
         out["apps"] = named
+
+    faults = data.get("faults")
+    if isinstance(faults, list) and isinstance(links, list) and isinstance(nodes, dict):
+        out["faults"] = _normalise_fault_links(faults, links, nodes)
+    return out
+
+
+def _as_pair(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return (value[0], value[1])
+    return None
+
+
+def _normalise_fault_links(faults: list[Any], links: list[Any], nodes: dict[Any, Any]) -> list[Any]:
+    """Write each fault's `link` in the order its link declares the endpoints.
+
+    Only a reversed pair of declared nodes that some link names is swapped, so a
+    problem found later at `link[0]` or `link[1]` still points at what the file says.
+    """
+    declared = {k for k in nodes if isinstance(k, str)}
+    orders: set[tuple[str, str]] = set()
+    for link in links:
+        pair = _as_pair(link.get("endpoints")) if isinstance(link, dict) else None
+        if pair is not None and pair[0] != pair[1] and set(pair) <= declared:
+            orders.add(pair)
+    out: list[Any] = []
+    for fault in faults:
+        pair = _as_pair(fault.get("link")) if isinstance(fault, dict) else None
+        if pair is not None and pair not in orders and (pair[1], pair[0]) in orders:
+            fault = {**fault, "link": [pair[1], pair[0]]}
+        out.append(fault)
     return out
 
 
@@ -745,6 +863,85 @@ def _topology_issues(
     return issues
 
 
+def _windows_overlap(a: Fault, b: Fault) -> bool:
+    """Whether two faults on one target are in force at a common instant.
+
+    A fault holds its target over [at, end): one that ends at t and one that
+    starts at t do not overlap (the runtime reverts the first, then applies the
+    second).  An instantaneous `node-restart` (no `for`) occupies the instant `at`.
+    """
+    (s1, e1), (s2, e2) = (a.at_s, a.end_s), (b.at_s, b.end_s)
+    if s1 == s2:
+        return True
+    if s1 == e1:
+        return s2 <= s1 < e2
+    if s2 == e2:
+        return s1 <= s2 < e1
+    return s1 < e2 and s2 < e1
+
+
+def _fault_issues(
+    nodes: Mapping[str, bool] | None,
+    links: Sequence[tuple[str, str]],
+    faults: Sequence[tuple[int, Fault]],
+    duration_s: float | None,
+) -> list[FieldIssue]:
+    """Cross-field checks of `faults`, on faults that are valid on their own.
+
+    `nodes` maps each declared node to its `external` flag (None: the `nodes`
+    section is broken, node existence is not checked); `links` are the declared
+    endpoint pairs in file order.
+    """
+    issues: list[FieldIssue] = []
+    pairs = {frozenset(pair) for pair in links if pair[0] != pair[1]}
+    checked: list[tuple[int, Fault, tuple[str, ...]]] = []  # faults whose target is sound
+    for i, fault in faults:
+        target: tuple[str, ...] | None = None
+        if fault.node is not None:
+            if nodes is not None and fault.node not in nodes:
+                issues.append(FieldIssue(("faults", i, "node"),
+                                         f"unknown node {fault.node!r} (declared nodes: {_listing(frozenset(nodes))})"))
+            elif nodes is not None and nodes[fault.node]:
+                verb = fault.kind.value.partition("-")[2]
+                issues.append(FieldIssue(("faults", i, "node"),
+                                         f"node {fault.node!r} is external; qnetem cannot {verb} a process it did not start"))
+            else:
+                target = ("node", fault.node)
+        elif fault.link is not None:
+            a, b = fault.link
+            ok = True
+            if nodes is not None:
+                for j, node in enumerate((a, b)):
+                    if node not in nodes:
+                        issues.append(FieldIssue(("faults", i, "link", j),
+                                                 f"unknown node {node!r} (declared nodes: {_listing(frozenset(nodes))})"))
+                        ok = False
+            if ok and a == b:
+                issues.append(FieldIssue(("faults", i, "link", 1),
+                                         f"a link joins two different nodes; both endpoints are {a!r}"))
+                ok = False
+            if ok and frozenset((a, b)) not in pairs:
+                shown = ", ".join(f"[{x}, {y}]" for x, y in links[:8]) or "none"
+                issues.append(FieldIssue(("faults", i, "link"), f"no link between {a!r} and {b!r} (links: {shown})"))
+                ok = False
+            if ok:
+                target = ("link", *sorted((a, b)))
+        if duration_s is not None and fault.at_s >= duration_s:
+            issues.append(FieldIssue(("faults", i, "at"),
+                                     f"at {_fmt_s(fault.at_s)}, not before the end of the run ({_fmt_s(duration_s)})"))
+        if target is None:
+            continue
+        clash = next(((j, other) for j, other, t in checked if t == target and _windows_overlap(other, fault)), None)
+        if clash is not None:
+            j, other = clash
+            what = f"node {target[1]!r}" if target[0] == "node" else f"link [{target[1]}, {target[2]}]"
+            issues.append(FieldIssue(("faults", i),
+                                     f"{fault.describe()} overlaps faults[{j}] ({other.describe()}) on {what}; "
+                                     "faults on one target must not overlap in time"))
+        checked.append((i, fault, target))
+    return issues
+
+
 def _valid_items(raw: Any, adapter: TypeAdapter[Any]) -> list[tuple[int, Any]]:
     if not isinstance(raw, list):
         return []
@@ -785,7 +982,13 @@ def _raw_cross_issues(data: Any) -> list[FieldIssue]:
         duration_s: float | None = parse_positive_duration_s(data.get("duration"))
     except UnitError:
         duration_s = None
-    return _topology_issues(node_names, links, apps, expectations, duration_s, all_app_names)
+    issues = _topology_issues(node_names, links, apps, expectations, duration_s, all_app_names)
+    external = None
+    if node_names is not None and isinstance(nodes, dict):
+        external = {k: isinstance(v, dict) and v.get("external") is True for k, v in nodes.items() if k in node_names}
+    faults = _valid_items(data.get("faults"), _FAULT_ADAPTER)
+    issues += _fault_issues(external, [pair for _, pair, _ in links], faults, duration_s)
+    return issues
 
 
 # ---------------------------------------------------------------------------
@@ -1063,9 +1266,15 @@ def render_reference() -> str:
         ("Memory", Memory), ("Link", Link), ("ClassicalLink", ClassicalLink), ("Entanglement", Entanglement),
     ]
     models += [(_app_title(cls), cls) for cls in _APP_CLASSES]
-    models.append(("Expectation", Expectation))
+    models += [("Expectation", Expectation), ("Fault", Fault)]
     for title, model in models:
         lines += _model_section(title, model)
+
+    lines += ["### Fault kinds", "", "What each `kind` of [Fault](#fault) does.", "",
+              "| Kind | Target | Effect |", "|---|---|---|"]
+    for kind in FaultKind:
+        lines.append(f"| `{kind.value}` | `{kind.target.value}` | {_cell(kind.description)} |")
+    lines.append("")
 
     lines += ["### Metrics", "", "Metrics an expectation may test.", "",
               "| Metric | Scope | Unit | App kinds | Description |", "|---|---|---|---|---|"]

@@ -53,6 +53,7 @@ from ._messages import (
     GateOp,
     GetStats,
     Hello,
+    LinkFault,
     LinkHello,
     LinkInfo,
     LinkWelcome,
@@ -92,7 +93,7 @@ __all__ = [
     "AdminHello", "AdminWelcome", "Alloc", "Allocated", "AppMsg", "AppStart", "AppStatus",
     "AppStatusRequest", "Bye", "Circuit", "Clock", "EprAccepted", "EprCancel", "EprDelivered",
     "EprDone", "EprListen", "EprRequest", "Error", "Free", "Gate", "GateOp", "GetStats", "Hello",
-    "LinkHello", "LinkInfo", "LinkWelcome", "Measure", "Measured", "NodeStatus", "Ok", "PeerDown",
+    "LinkFault", "LinkHello", "LinkInfo", "LinkWelcome", "Measure", "Measured", "NodeStatus", "Ok", "PeerDown",
     "PeerUp", "Ping", "Pong", "Probe", "ProbeAck", "SendQubit", "Shutdown", "Stats", "Status",
     "StatusReply", "QubitTransfer", "Unitary", "Welcome",
 ]  # fmt: skip

@@ -420,6 +420,20 @@ class Shutdown(Message):
     TYPE = "shutdown"
 
 
+@register
+@_frozen
+class LinkFault(Message):
+    """Orchestrator → node: cut (`cut` true) or restore the classical link to neighbour `peer`.
+
+    Reply: `ok`, or `error` `no_link` if `peer` is not a neighbour. While cut the node
+    neither dials nor accepts that link and drops its datagrams (docs/protocol.md §4.5).
+    """
+
+    TYPE = "link_fault"
+    peer: str
+    cut: bool
+
+
 # --------------------------------------------------------------------------- node ⇄ node
 
 

@@ -9,7 +9,9 @@ framing (4-byte length + msgpack map, docs/protocol.md §2).
 
 The node whose name sorts first dials (the runtime decides); the dialer sends
 `link_hello(node, token, versions)`, the listener checks the run token and that the
-dialer is one of its neighbours and answers `link_welcome(node, version)`.
+dialer is one of its neighbours and answers `link_welcome(node, version)`. While the
+link to a neighbour is cut by a fault (control `link_fault`, docs/protocol.md §4.5), the
+listener refuses that neighbour with `no_link`; such a refusal is `retryable`.
 
 State table (role, state, input -> output, next state):
 
@@ -20,6 +22,7 @@ State table (role, state, input -> output, next state):
     LISTENER  HANDSHAKE  link_hello, wrong token        -> error unauthorized, PeerRejected  CLOSING
     LISTENER  HANDSHAKE  link_hello, not a neighbour    -> error unknown_node, PeerRejected  CLOSING
     LISTENER  HANDSHAKE  link_hello, no common version  -> error unsupported_version         CLOSING
+    LISTENER  HANDSHAKE  link_hello, link to it is cut  -> error no_link, PeerRejected  CLOSING
     LISTENER  HANDSHAKE  any other frame                -> error unauthorized                CLOSING
     any       OPEN       app_msg                        -> MessageReceived       OPEN
     any       OPEN       error                          -> counted, PeerErrorReceived  OPEN
@@ -112,6 +115,11 @@ class LinkRefused:
     code: str
     message: str
 
+    @property
+    def retryable(self) -> bool:
+        """True when dialling again later can succeed (the link is cut at the other end)."""
+        return self.code == ErrorCode.NO_LINK.value
+
 
 @_frozen
 class PeerRejected:
@@ -167,10 +175,12 @@ class LinkConnection:
         peer: str | None = None,
         shaper: StreamShaper | None = None,
         shaper_factory: Callable[[str], StreamShaper | None] | None = None,
+        is_cut: Callable[[str], bool] | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         """A DIALER needs `peer` and its `shaper`; a LISTENER needs `shaper_factory`,
-        which returns the shaper towards a named neighbour or None for a non-neighbour."""
+        which returns the shaper towards a named neighbour or None for a non-neighbour,
+        and may take `is_cut`, which says whether the link to a neighbour is cut now."""
         if role is LinkRole.DIALER and (peer is None or shaper is None):
             raise LocalProtocolError(ErrorCode.BAD_FIELD, "a dialer needs peer and shaper")
         if role is LinkRole.LISTENER and shaper_factory is None:
@@ -183,6 +193,7 @@ class LinkConnection:
         self.state = LinkState.HANDSHAKE
         self._shaper = shaper
         self._shaper_factory = shaper_factory
+        self._is_cut = is_cut
         self._max_frame_bytes = max_frame_bytes
         self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
         self._raw_out: list[bytes] = []  # unshaped frames (refusals before the peer is known)
@@ -360,6 +371,9 @@ class LinkConnection:
         shaper = self._shaper_factory(msg.node) if msg.node != self.local_node else None
         if shaper is None:
             self._refuse(ErrorCode.UNKNOWN_NODE, f"{msg.node!r} is not a neighbour of {self.local_node!r}", now, msg_id, msg.node)
+            return
+        if self._is_cut is not None and self._is_cut(msg.node):
+            self._refuse(ErrorCode.NO_LINK, f"the link {self.local_node!r}-{msg.node!r} is cut", now, msg_id, msg.node)
             return
         self._shaper = shaper
         self.peer = msg.node

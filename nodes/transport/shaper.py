@@ -15,6 +15,10 @@ own (small, unmodelled) latency on top.
   bunches messages up instead of overtaking them, as on a real in-order link.
 * Datagrams (UDP) are independent: each gets its own delay (they may reorder, as real
   datagrams can) and is dropped with probability `loss` before it is queued.
+* A cut link (control `link_fault`, docs/protocol.md §4.5) loses every datagram: while
+  a `DatagramShaper` is cut, `push` drops everything (no random draw, so the loss
+  sequence after a restore is the one the seed gives without the cut), and cutting
+  discards what is still queued, as a real cut loses the datagrams in flight.
 
 `now` is always the caller's *wall* clock (the runtime passes its monotonic time; tests
 pass a fake clock). Jitter and loss draw from the seeded `numpy.random.Generator` given
@@ -135,7 +139,8 @@ class StreamShaper:
 @dataclasses.dataclass(frozen=True, slots=True)
 class DatagramShaperStats:
     queued: int
-    dropped: int
+    dropped: int  # random loss (`ShaperConfig.loss`)
+    cut_dropped: int  # lost to a cut link: pushed while cut, or queued when it was cut
 
 
 class DatagramShaper:
@@ -144,7 +149,7 @@ class DatagramShaper:
     Items are opaque to the shaper (the runtime queues `(bytes, address)` pairs).
     """
 
-    __slots__ = ("_config", "_rng", "_heap", "_seq", "_queued", "_dropped")
+    __slots__ = ("_config", "_rng", "_heap", "_seq", "_queued", "_dropped", "_cut", "_cut_dropped")
 
     def __init__(self, config: ShaperConfig, rng: np.random.Generator) -> None:
         self._config = config
@@ -153,13 +158,29 @@ class DatagramShaper:
         self._seq = 0  # tie-breaker: equal release times keep their sending order
         self._queued = 0
         self._dropped = 0
+        self._cut = False
+        self._cut_dropped = 0
 
     @property
     def config(self) -> ShaperConfig:
         return self._config
 
+    @property
+    def cut(self) -> bool:
+        return self._cut
+
+    def set_cut(self, cut: bool) -> None:
+        """Cut (drop everything, discarding the queue) or restore the link."""
+        if cut and not self._cut:
+            self._cut_dropped += len(self._heap)
+            self._heap.clear()
+        self._cut = cut
+
     def push(self, item: object, now: float) -> bool:
-        """Queue `item`, or drop it with probability `loss`. Returns False if dropped."""
+        """Queue `item`, or drop it (cut link, or with probability `loss`). Returns False if dropped."""
+        if self._cut:
+            self._cut_dropped += 1
+            return False
         if self._config.loss > 0.0 and self._rng.random() < self._config.loss:
             self._dropped += 1
             return False
@@ -181,4 +202,4 @@ class DatagramShaper:
         return self._heap[0][0] if self._heap else None
 
     def statistics(self) -> DatagramShaperStats:
-        return DatagramShaperStats(queued=self._queued, dropped=self._dropped)
+        return DatagramShaperStats(queued=self._queued, dropped=self._dropped, cut_dropped=self._cut_dropped)

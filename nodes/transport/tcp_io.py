@@ -57,6 +57,7 @@ class LinkIO:
         self._waker = Waker()
         self._cancel: trio.CancelScope | None = None
         self.refused = False  # the peer refused our handshake (runtime bookkeeping)
+        self.refusal_retryable = False  # ... with a refusal that may clear (the link is cut there)
         self.counted = False  # the runtime folded this connection's counters into its totals
 
     def wake(self) -> None:

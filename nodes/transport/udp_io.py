@@ -38,6 +38,11 @@ class UdpEndpoint:
         return cls(sock)
 
     @property
+    def family(self) -> int:
+        """The socket's address family (AF_INET or AF_INET6): names resolve to this family."""
+        return int(self._sock.family)
+
+    @property
     def address(self) -> tuple[str, int]:
         host, port = self._sock.getsockname()[:2]
         return host, port

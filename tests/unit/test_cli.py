@@ -64,7 +64,7 @@ def test_version() -> None:
 def test_validate_good_scenario() -> None:
     proc = qnetem("validate", GOOD)
     assert proc.returncode == 0, proc.stderr
-    assert "ok (scenario two-node-epr: 2 nodes, 1 links, 1 apps, 4 expectations)" in proc.stdout
+    assert "ok (scenario two-node-epr: 2 nodes, 1 links, 1 apps, 0 faults, 4 expectations)" in proc.stdout
     assert proc.stderr == ""
 
 

@@ -16,10 +16,13 @@ from emulator.wire import (
     AppStatusRequest,
     Envelope,
     Error,
+    ErrorCode,
     GetStats,
+    LinkFault,
     LinkInfo,
     Message,
     Ok,
+    RemoteProtocolError,
     Shutdown,
     Stats,
     decode,
@@ -43,6 +46,7 @@ class Backend:
     time_scale = 1.0
 
     def __init__(self) -> None:
+        self.faults = []
         self.host = AppHost(
             APP_KINDS,
             lambda name: AppContext(node="alice", name=name, seed=1, time_scale=1.0, memory_qubits=10, links=LINKS),
@@ -56,6 +60,13 @@ class Backend:
 
     def stats(self, now: float) -> dict[str, Any]:
         return {"node": "alice", "apps": self.host.summary(), "links": {"bob": {"state": "up", "frames_in": 3}}}
+
+    def link_fault(self, peer: str, cut: bool, now: float) -> None:
+        if peer not in LINKS:  # as the node runtime answers
+            raise RemoteProtocolError(ErrorCode.NO_LINK, f"{peer!r} is not a neighbour of 'alice'")
+        self.faults.append((peer, cut, now))
+
+    faults: list[tuple[str, bool, float]]
 
 
 def replies(session: ControlSession) -> list[Envelope]:
@@ -191,3 +202,37 @@ def test_oversized_frame_closes() -> None:
     (reply,) = replies(session)
     assert reply.message.code == "frame_too_large"  # type: ignore[attr-defined]
     assert session.should_close()
+
+
+def test_link_fault_reaches_the_backend_and_is_answered_ok() -> None:
+    session, backend = opened()
+    assert isinstance(call(session, LinkFault(peer="bob", cut=True), msg_id=20, now=5.0).message, Ok)
+    assert isinstance(call(session, LinkFault(peer="bob", cut=False), msg_id=21, now=6.0).message, Ok)
+    assert backend.faults == [("bob", True, 5.0), ("bob", False, 6.0)]
+    assert events(session) == []
+
+
+def test_link_fault_for_a_non_neighbour_is_no_link_and_the_session_continues() -> None:
+    session, backend = opened()
+    reply = call(session, LinkFault(peer="zed", cut=True), msg_id=22).message
+    assert isinstance(reply, Error) and reply.code == "no_link" and "zed" in reply.message
+    assert backend.faults == []
+    assert session.state is ControlState.OPEN
+    assert isinstance(call(session, LinkFault(peer="carol", cut=True), msg_id=23).message, Ok)
+    assert backend.faults == [("carol", True, 2.0)]
+
+
+def test_link_fault_with_an_ill_typed_field_is_bad_field() -> None:
+    session, backend = opened()
+    session.receive_data(encode_frame(msgpack.packb({"v": 1, "t": "link_fault", "id": 24, "peer": "bob", "cut": 1})), 0.0)
+    (reply,) = replies(session)
+    assert reply.message.code == "bad_field" and "cut" in reply.message.message  # type: ignore[attr-defined]
+    assert backend.faults == [] and session.state is ControlState.OPEN
+
+
+def test_link_fault_before_authentication_is_unauthorized() -> None:
+    backend = Backend()
+    session = ControlSession(backend, ADMIN)
+    reply = call(session, LinkFault(peer="bob", cut=True), msg_id=25)
+    assert isinstance(reply.message, Error) and reply.message.code == "unauthorized"
+    assert backend.faults == [] and session.should_close()

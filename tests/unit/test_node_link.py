@@ -229,3 +229,59 @@ def test_no_common_version_is_refused() -> None:
     _, listener = make_pair()
     listener.receive_data(encode_framed(LinkHello(node="alice", token=TOKEN, versions=[99]), id=1), 0.0)
     assert events(listener) == [PeerRejected(ErrorCode.UNSUPPORTED_VERSION, "alice")]
+
+
+def test_a_cut_neighbour_is_refused_with_no_link_and_may_retry() -> None:
+    cut = {"alice"}
+    dialer = LinkConnection(LinkRole.DIALER, local_node="alice", token=TOKEN, peer="bob", shaper=shaper())
+    listener = LinkConnection(
+        LinkRole.LISTENER, local_node="bob", token=TOKEN,
+        shaper_factory=lambda peer: shaper() if peer in ("alice", "carol") else None, is_cut=cut.__contains__,
+    )  # fmt: skip
+    dialer.initiate(0.0)
+    pump(dialer, listener, 0.0)
+    assert events(listener) == [PeerRejected(ErrorCode.NO_LINK, "alice")]
+    assert listener.should_close()
+    got = events(dialer)
+    assert isinstance(got[0], LinkRefused) and got[0].code == "no_link" and got[0].retryable
+    assert dialer.state is LinkState.CLOSED
+
+    # The other refusals are final; an uncut neighbour of the same listener is welcome.
+    assert not LinkRefused("unauthorized", "bad token").retryable
+    assert not LinkRefused("unknown_node", "x").retryable
+    carol = LinkConnection(LinkRole.DIALER, local_node="carol", token=TOKEN, peer="bob", shaper=shaper())
+    listener2 = LinkConnection(
+        LinkRole.LISTENER, local_node="bob", token=TOKEN,
+        shaper_factory=lambda peer: shaper() if peer in ("alice", "carol") else None, is_cut=cut.__contains__,
+    )  # fmt: skip
+    carol.initiate(0.0)
+    pump(carol, listener2, 0.0)
+    assert events(listener2) == [LinkEstablished("carol", 1)]
+
+    # Restored (is_cut is asked at each handshake): alice gets in.
+    cut.clear()
+    dialer, listener = (
+        LinkConnection(LinkRole.DIALER, local_node="alice", token=TOKEN, peer="bob", shaper=shaper()),
+        LinkConnection(
+            LinkRole.LISTENER, local_node="bob", token=TOKEN, shaper_factory=lambda peer: shaper(), is_cut=cut.__contains__
+        ),
+    )
+    dialer.initiate(0.0)
+    pump(dialer, listener, 0.0)
+    assert events(listener) == [LinkEstablished("alice", 1)]
+
+
+def test_cut_is_checked_after_token_and_neighbourship() -> None:
+    # A wrong token from a cut neighbour is still unauthorized; a stranger is still unknown_node.
+    listener = LinkConnection(
+        LinkRole.LISTENER, local_node="bob", token=TOKEN,
+        shaper_factory=lambda peer: shaper() if peer == "alice" else None, is_cut=lambda peer: True,
+    )  # fmt: skip
+    listener.receive_data(encode_framed(LinkHello(node="alice", token="forged", versions=[1]), id=1), 0.0)
+    assert events(listener) == [PeerRejected(ErrorCode.UNAUTHORIZED, "alice")]
+    listener = LinkConnection(
+        LinkRole.LISTENER, local_node="bob", token=TOKEN,
+        shaper_factory=lambda peer: shaper() if peer == "alice" else None, is_cut=lambda peer: True,
+    )  # fmt: skip
+    listener.receive_data(encode_framed(LinkHello(node="mallory", token=TOKEN, versions=[1]), id=1), 0.0)
+    assert events(listener) == [PeerRejected(ErrorCode.UNKNOWN_NODE, "mallory")]

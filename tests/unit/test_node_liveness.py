@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from emulator.wire import Probe, ProbeAck
 from nodes.transport.liveness import LinkDown, LinkUp, Liveness, LivenessState
+from nodes.transport.shaper import DatagramShaper, ShaperConfig
 
 
 def drain(live: Liveness) -> list[object]:
@@ -129,3 +131,29 @@ def test_remove_peer_stops_probing() -> None:
 def test_bad_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Liveness("alice", **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_cut_link_goes_down_within_miss_limit_probes_and_up_on_the_first_ack_after_restore() -> None:
+    # Liveness is not told about cuts: the cut datagram shaper (and the receiving side,
+    # which drops a cut peer's datagrams) makes probes go unanswered, as on a real cut.
+    alice, bob = Liveness("alice", interval_s=I, miss_limit=3), Liveness("bob", interval_s=I, miss_limit=3)
+    alice.add_peer("bob", now=0.0)
+    to_bob = DatagramShaper(ShaperConfig(), np.random.default_rng(0))
+
+    def step(now: float) -> None:
+        for _, probe in tick(alice, now):
+            if to_bob.push(probe, now):
+                for delivered in to_bob.pop_ready(now):
+                    alice.receive_ack("bob", bob.receive_probe(delivered), now)  # type: ignore[arg-type]
+
+    step(0.0)
+    assert drain(alice) == [LinkUp("bob", 0.0)]
+    to_bob.set_cut(True)
+    for k in range(1, 5):
+        step(k * I)
+    # Probes at I, 2I, 3I are lost; at the 4I tick three are outstanding -> down.
+    assert drain(alice) == [LinkDown("bob", 4 * I)]
+    assert to_bob.statistics().cut_dropped == 4
+    to_bob.set_cut(False)
+    step(5 * I)
+    assert drain(alice) == [LinkUp("bob", 5 * I)]

@@ -123,3 +123,31 @@ def test_lossy_channel_ordered_mode_preserves_order() -> None:
     for i in range(1000):
         ch.send(i, now=i * 1e-3)
     assert ch.receive(10.0) == list(range(1000))
+
+
+def test_a_cut_datagram_shaper_drops_everything_and_discards_its_queue() -> None:
+    d = DatagramShaper(ShaperConfig(delay_s=1e-3), np.random.default_rng(1))
+    assert d.push("in flight", 0.0) and not d.cut
+    d.set_cut(True)
+    assert d.cut and d.next_release() is None  # what was in flight is lost with the cut
+    assert not d.push("during", 0.5)
+    assert d.pop_ready(10.0) == []
+    d.set_cut(True)  # cutting again changes nothing
+    stats = d.statistics()
+    assert (stats.queued, stats.dropped, stats.cut_dropped) == (1, 0, 2)
+    d.set_cut(False)
+    assert d.push("after", 1.0)
+    assert d.pop_ready(1.001) == ["after"]
+
+
+def test_a_cut_does_not_shift_the_seeded_loss_sequence() -> None:
+    # A cut draws no random numbers, so after a restore the drops are those of the seed.
+    def kept(cut_for: int) -> list[bool]:
+        d = DatagramShaper(ShaperConfig(loss=0.5), np.random.default_rng(3))
+        d.set_cut(True)
+        for i in range(cut_for):
+            d.push(i, 0.0)
+        d.set_cut(False)
+        return [d.push(i, 0.0) for i in range(200)]
+
+    assert kept(0) == kept(50)

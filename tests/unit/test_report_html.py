@@ -299,11 +299,35 @@ def test_series_of_a_short_run_is_complete() -> None:
 def test_orchestrator_logs_a_failed_rendering_and_carries_on(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from emulator.runtime.local import _LocalRun
+    from emulator.runtime.driver import RunDriver
 
     run = SimpleNamespace(run_dir=tmp_path, _rel=str)  # no results.json: rendering fails
-    message = _LocalRun._write_report(run)  # type: ignore[arg-type]
+    message = RunDriver._write_report(run)  # type: ignore[arg-type]
     assert message is not None and message.startswith("report.html not written: FileNotFoundError")
     assert "\n" not in message
     assert "Traceback" in (tmp_path / "orchestrator.log").read_text()
     assert not (tmp_path / "report.html").exists()
+
+
+def test_report_lists_faults_and_the_steps_taken(tmp_path: Path) -> None:
+    results = make_results()
+    results["runtime"] = "docker"
+    results["faults"] = {
+        "planned": [
+            {"index": 1, "kind": "node-crash", "description": "node-crash bob at 5 s for 1 s"},
+            {"index": 2, "kind": "link-cut", "description": "link-cut <a>-b at 9 s"},
+        ],
+        "steps": [
+            {"fault": 1, "step": "apply", "action": "kill", "at_s": 5.02},
+            {"fault": 1, "step": "revert", "action": "start", "at_s": 6.01},
+        ],
+    }
+    page = write_report(tmp_path, results, make_scenario()).read_text(encoding="utf-8")
+    section = page.split("<h2>Faults</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "runtime: docker" in section
+    rows = re.findall(r"<tr>(.*?)</tr>", section)
+    assert "node-crash bob at 5 s for 1 s" in rows[1] and "kill at 5.02 s; start at 6.01 s" in rows[1]
+    assert "link-cut &lt;a&gt;-b at 9 s" in rows[2] and "not reached" in rows[2]  # escaped, never run
+    (tmp_path / "b").mkdir()
+    no_faults = write_report(tmp_path / "b", make_results(), make_scenario()).read_text(encoding="utf-8")
+    assert "The scenario injects no faults." in no_faults

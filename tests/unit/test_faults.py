@@ -1,0 +1,344 @@
+"""Faults in the run plan (`FaultPlan`, `plan_from_scenario`) and the sans-IO `FaultSchedule`.
+
+Every schedule test drives the schedule with a fake `now` (plain floats, broker
+emulated seconds); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator.runtime.faults import FaultAction, FaultSchedule, FaultStep
+from emulator.runtime.orchestrator import FaultKind, FaultPlan, PlanError, RunPlan, plan_from_scenario
+from emulator.scenario import load_scenario, parse_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+
+APPLY, REVERT = FaultStep.APPLY, FaultStep.REVERT
+CRASH, RESTART, FREEZE, CUT = FaultKind.NODE_CRASH, FaultKind.NODE_RESTART, FaultKind.NODE_FREEZE, FaultKind.LINK_CUT
+ORIGIN = 100.0  # the broker's emulated time when every node had registered
+
+
+def crash(index: int, at_s: float, for_s: float | None = None, node: str = "bob") -> FaultPlan:
+    return FaultPlan(index, CRASH, at_s, for_s, node=node)
+
+
+def restart(index: int, at_s: float, for_s: float | None = None, node: str = "bob") -> FaultPlan:
+    return FaultPlan(index, RESTART, at_s, for_s, node=node)
+
+
+def freeze(index: int, at_s: float, for_s: float | None = None, node: str = "bob") -> FaultPlan:
+    return FaultPlan(index, FREEZE, at_s, for_s, node=node)
+
+
+def cut(index: int, at_s: float, for_s: float | None = None, link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:
+    return FaultPlan(index, CUT, at_s, for_s, link=link)
+
+
+def steps(actions: list[FaultAction]) -> list[tuple[int, str, float]]:
+    return [(a.fault.index, a.step.value, a.t_s) for a in actions]
+
+
+def begun(*faults: FaultPlan) -> FaultSchedule:
+    schedule = FaultSchedule(faults)
+    schedule.begin(ORIGIN)
+    return schedule
+
+
+# --------------------------------------------------------------------------- FaultPlan
+
+
+def test_fault_plan_describes_itself() -> None:
+    assert crash(1, 2.0, 3.0).describe() == "node-crash bob at 2 s for 3 s"
+    assert crash(1, 2.0).describe() == "node-crash bob at 2 s until the end"
+    assert restart(2, 0.25).describe() == "node-restart bob at 0.25 s"
+    assert freeze(3, 5.0, 1.0).describe() == "node-freeze bob at 5 s for 1 s"
+    assert cut(4, 8.0, 2.0).describe() == "link-cut [alice, bob] at 8 s for 2 s"
+
+
+def test_fault_plan_revert_times() -> None:
+    assert crash(1, 2.0, 3.0).revert_s == 5.0
+    assert crash(1, 2.0).revert_s is None  # stays down
+    assert freeze(1, 2.0).revert_s is None and cut(1, 2.0).revert_s is None
+    assert restart(1, 2.0).revert_s == 2.0  # started again at once
+    assert restart(1, 2.0, 0.5).revert_s == 2.5
+
+
+def test_fault_plan_to_dict_is_json() -> None:
+    d = cut(4, 8.0, 2.0).to_dict()
+    assert d == {"index": 4, "kind": "link-cut", "at_s": 8.0, "for_s": 2.0, "node": None, "link": ["alice", "bob"],
+                 "description": "link-cut [alice, bob] at 8 s for 2 s"}
+    assert json.loads(json.dumps(crash(1, 2.0).to_dict(), allow_nan=False))["for_s"] is None
+
+
+def test_fault_plan_takes_kind_names() -> None:
+    plan = FaultPlan(1, "link-cut", 1.0, None, link=["alice", "bob"])  # type: ignore[arg-type]
+    assert plan.kind is CUT and plan.link == ("alice", "bob") and plan == cut(1, 1.0)
+    with pytest.raises(ValueError, match="fiber-cut"):
+        FaultPlan(1, "fiber-cut", 1.0, None, link=("alice", "bob"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"index": 0, "kind": CRASH, "at_s": 1.0, "for_s": None, "node": "bob"}, "1-based"),
+        ({"index": 1, "kind": CRASH, "at_s": -1.0, "for_s": None, "node": "bob"}, "at_s"),
+        ({"index": 1, "kind": CRASH, "at_s": math.nan, "for_s": None, "node": "bob"}, "at_s"),
+        ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": 0.0, "node": "bob"}, "for_s"),
+        ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": math.inf, "node": "bob"}, "for_s"),
+        ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": None}, "needs exactly a node"),
+        ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": None, "node": "bob", "link": ("a", "b")}, "exactly a node"),
+        ({"index": 1, "kind": CUT, "at_s": 1.0, "for_s": None, "node": "bob"}, "needs exactly a link"),
+    ],
+)
+def test_fault_plan_rejects_nonsense(kwargs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        FaultPlan(**kwargs)
+
+
+# --------------------------------------------------------------------------- plan_from_scenario
+
+SCENARIO_TEXT = """\
+name: faulty
+duration: 20s
+nodes:
+  alice: {}
+  bob: {}
+  carol: {external: true}
+links:
+  - endpoints: [alice, bob]
+    length_km: 10
+    entanglement: {}
+  - endpoints: [bob, carol]
+    length_km: 5
+faults:
+  - {at: 2s, kind: node-crash, node: bob, for: 3s}
+  - {at: 2s, kind: node-restart, node: alice}
+  - {at: 8s, kind: link-cut, link: [carol, bob], for: 500ms}
+  - {at: 9s, kind: node-freeze, node: bob}
+"""
+
+
+def test_plan_carries_the_faults_in_scenario_order() -> None:
+    plan = plan_from_scenario(parse_scenario(SCENARIO_TEXT))
+    assert plan.faults == (
+        FaultPlan(1, CRASH, 2.0, 3.0, node="bob"),
+        FaultPlan(2, RESTART, 2.0, None, node="alice"),
+        FaultPlan(3, CUT, 8.0, 0.5, link=("bob", "carol")),  # the link's own order
+        FaultPlan(4, FREEZE, 9.0, None, node="bob"),
+    )
+
+
+def test_plan_from_the_dict_form_is_the_same() -> None:
+    from emulator.scenario import scenario_to_dict
+
+    scenario = parse_scenario(SCENARIO_TEXT)
+    assert plan_from_scenario(scenario_to_dict(scenario)).faults == plan_from_scenario(scenario).faults
+    data = scenario_to_dict(scenario)
+    data["faults"][2]["link"] = ["carol", "bob"]  # unnormalised (never validated): the plan normalises
+    assert plan_from_scenario(data).faults[2].link == ("bob", "carol")
+
+
+def test_plan_without_faults() -> None:
+    plan = plan_from_scenario(parse_scenario(SCENARIO_TEXT.split("faults:")[0]))
+    assert plan.faults == ()
+    fields = {f.name: f for f in RunPlan.__dataclass_fields__.values()}
+    assert fields["faults"].default == ()  # runtimes that build a RunPlan by hand need not mention faults
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"),
+    [
+        ({"at": 1.0, "kind": "fiber-cut", "link": ["alice", "bob"]}, "fault 1: kind 'fiber-cut' is not supported"),
+        ({"at": 1.0, "kind": "node-crash", "node": "dave"}, "fault 1: unknown node 'dave'"),
+        ({"at": 1.0, "kind": "node-crash", "node": "carol"},
+         "fault 1: node carol is external; qnetem cannot crash a process it did not start"),
+        ({"at": 1.0, "kind": "link-cut", "link": ["alice", "carol"]}, "fault 1: no link between 'alice' and 'carol'"),
+        ({"kind": "node-crash", "node": "bob"}, "fault 1: no `at`"),
+        ({"at": -1.0, "kind": "node-crash", "node": "bob"}, "at_s must be finite and >= 0"),
+    ],
+)
+def test_plan_rejects_faults_it_cannot_run(fault: dict[str, Any], fragment: str) -> None:
+    data = {
+        "name": "t", "duration": 10.0,
+        "nodes": {"alice": {}, "bob": {}, "carol": {"external": True}},
+        "links": [{"endpoints": ["alice", "bob"]}, {"endpoints": ["bob", "carol"]}],
+        "faults": [fault],
+    }  # fmt: skip
+    with pytest.raises(PlanError, match=fragment.replace("(", r"\(")):
+        plan_from_scenario(data)
+
+
+def test_plan_of_the_crash_restart_scenario() -> None:
+    plan = plan_from_scenario(load_scenario(ROOT / "scenarios" / "crash-restart.yaml"))
+    assert plan.faults == (FaultPlan(1, CRASH, 5.0, 1.0, node="bob"),)
+    assert [(a.name, a.start_s) for a in plan.apps] == [("before", 0.0), ("after", 15.0)]
+    schedule = begun(*plan.faults)
+    assert steps(schedule.timeline()) == [(1, "apply", 5.0), (1, "revert", 6.0)]
+    assert [a.verb for a in schedule.timeline()] == ["kill", "start"]
+
+
+# --------------------------------------------------------------------------- FaultSchedule: time order, exactly once
+
+
+def test_nothing_is_due_before_begin() -> None:
+    schedule = FaultSchedule([crash(1, 0.0, 1.0)])
+    assert schedule.due(1e9) == [] and schedule.next_due_s() is None
+    assert schedule.active(1e9) == [] and schedule.down_nodes(1e9) == set()
+    schedule.begin(ORIGIN)
+    with pytest.raises(RuntimeError, match="already begun"):
+        schedule.begin(ORIGIN)
+
+
+def test_actions_come_once_each_in_time_order() -> None:
+    schedule = begun(freeze(1, 5.0, 1.0), crash(2, 2.0, 1.5, node="alice"), cut(3, 0.0, 10.0))
+    assert schedule.next_due_s() == ORIGIN + 0.0
+    assert steps(schedule.due(ORIGIN - 0.5)) == []  # not yet
+    assert steps(schedule.due(ORIGIN)) == [(3, "apply", 0.0)]
+    assert steps(schedule.due(ORIGIN)) == []  # exactly once
+    assert schedule.next_due_s() == ORIGIN + 2.0
+    assert steps(schedule.due(ORIGIN + 1.999)) == []
+    assert steps(schedule.due(ORIGIN + 2.0)) == [(2, "apply", 2.0)]
+    assert schedule.next_due_s() == ORIGIN + 3.5
+    # a late wake-up catches up with everything that has come, in order
+    assert steps(schedule.due(ORIGIN + 5.5)) == [(2, "revert", 3.5), (1, "apply", 5.0)]
+    assert steps(schedule.due(ORIGIN + 5.0)) == []  # time going backwards hands out nothing
+    assert steps(schedule.due(ORIGIN + 100.0)) == [(1, "revert", 6.0), (3, "revert", 10.0)]
+    assert schedule.due(ORIGIN + 1000.0) == [] and schedule.next_due_s() is None
+
+
+def test_sleeping_until_next_due_always_gets_the_action() -> None:
+    # Offsets that do not add up exactly in binary: (origin + t) - origin != t for some of them.
+    origin = 12345.678
+    faults = [freeze(i + 1, 0.1 * (3 * i + 1), 0.1, node=f"n{i}") for i in range(30)]
+    schedule = FaultSchedule(faults)
+    schedule.begin(origin)
+    handed_out = []
+    while (wake := schedule.next_due_s()) is not None:
+        got = schedule.due(wake)
+        assert got, f"nothing due at next_due_s() = {wake!r}"
+        handed_out += got
+    assert steps(handed_out) == steps(schedule.timeline()) and len(handed_out) == 60
+
+
+def test_timeline_lists_every_planned_action() -> None:
+    schedule = FaultSchedule([crash(1, 2.0, 3.0), freeze(2, 1.0), restart(3, 4.0, node="alice"), cut(4, 3.0)])
+    assert steps(schedule.timeline()) == [
+        (2, "apply", 1.0), (1, "apply", 2.0), (4, "apply", 3.0), (3, "apply", 4.0), (3, "revert", 4.0),
+        (1, "revert", 5.0),
+    ]  # the freeze and the cut last until the end: no revert planned
+    assert [a.verb for a in schedule.timeline()] == ["pause", "kill", "cut", "stop", "start", "start"]
+
+
+def test_duplicate_indices_are_refused() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        FaultSchedule([crash(1, 1.0), freeze(1, 2.0, node="alice")])
+
+
+# --------------------------------------------------------------------------- ties
+
+
+def test_at_equal_times_a_revert_comes_before_the_next_apply() -> None:
+    # Back to back on bob: the crash ends at 5 s exactly when the freeze starts. The
+    # freeze is listed first in the scenario, so index order alone would apply it first.
+    schedule = begun(freeze(1, 5.0, 1.0), crash(2, 2.0, 3.0))
+    assert steps(schedule.due(ORIGIN + 2.0)) == [(2, "apply", 2.0)]
+    assert steps(schedule.due(ORIGIN + 5.0)) == [(2, "revert", 5.0), (1, "apply", 5.0)]
+
+
+def test_restart_without_for_is_stop_then_start_in_one_call() -> None:
+    schedule = begun(restart(1, 3.0))
+    assert schedule.next_due_s() == ORIGIN + 3.0
+    got = schedule.due(ORIGIN + 3.0)
+    assert [(a.step, a.verb, a.t_s) for a in got] == [(APPLY, "stop", 3.0), (REVERT, "start", 3.0)]
+    assert schedule.down_nodes() == set() and schedule.active() == []
+    assert schedule.next_due_s() is None
+
+
+def test_simultaneous_starts_follow_scenario_order() -> None:
+    # Listed out of order on purpose: `index` (the position in the scenario) decides, not list order.
+    schedule = begun(restart(2, 1.0, node="alice"), crash(1, 1.0, 1.0), cut(3, 1.0), restart(4, 0.0, 1.0))
+    assert steps(schedule.due(ORIGIN)) == [(4, "apply", 0.0)]
+    assert steps(schedule.due(ORIGIN + 1.0)) == [
+        (4, "revert", 1.0),  # carried over from 0 s: first
+        (1, "apply", 1.0), (2, "apply", 1.0), (2, "revert", 1.0), (3, "apply", 1.0),
+    ]
+
+
+# --------------------------------------------------------------------------- state
+
+
+def test_down_frozen_and_cut_follow_the_actions_handed_out() -> None:
+    schedule = begun(crash(1, 1.0, 2.0), freeze(2, 2.0, 2.0, node="alice"), cut(3, 2.5), restart(4, 3.5, 1.0, node="carol"))
+    schedule.due(ORIGIN + 1.0)
+    assert schedule.down_nodes() == {"bob"} and schedule.frozen_nodes() == set()
+    assert [f.index for f in schedule.active()] == [1]
+    schedule.due(ORIGIN + 2.5)
+    assert schedule.frozen_nodes() == {"alice"} and schedule.cut_links() == {("alice", "bob")}
+    assert [f.index for f in schedule.active()] == [1, 2, 3]  # in the order they were applied
+    schedule.due(ORIGIN + 3.0)
+    assert schedule.down_nodes() == set()  # bob started again at 3 s
+    schedule.due(ORIGIN + 4.0)
+    assert schedule.down_nodes() == {"carol"} and schedule.frozen_nodes() == set()
+    assert [f.index for f in schedule.active()] == [3, 4]
+    schedule.due(ORIGIN + 4.5)
+    assert schedule.down_nodes() == set() and schedule.cut_links() == {("alice", "bob")}  # the cut lasts to the end
+
+
+def test_queries_with_now_look_ahead_without_consuming() -> None:
+    schedule = begun(crash(1, 1.0, 2.0), freeze(2, 2.0, node="alice"))
+    assert schedule.down_nodes(ORIGIN + 1.0) == {"bob"}  # due(1.0) not called yet
+    assert schedule.down_nodes() == set()  # as of the last due(): nothing handed out
+    assert schedule.frozen_nodes(ORIGIN + 2.0) == {"alice"}
+    assert [f.index for f in schedule.active(ORIGIN + 3.0)] == [2]
+    assert steps(schedule.due(ORIGIN + 3.0)) == [(1, "apply", 1.0), (2, "apply", 2.0), (1, "revert", 3.0)]
+    assert schedule.down_nodes(ORIGIN + 0.5) == set()  # never earlier than what was handed out
+
+
+def test_pending_reverts() -> None:
+    schedule = begun(crash(1, 1.0, 5.0), freeze(2, 2.0, node="alice"), cut(3, 2.0, 1.0), restart(4, 2.5, node="carol"))
+    schedule.due(ORIGIN + 2.5)
+    planned = schedule.pending_reverts()
+    assert [(a.fault.index, a.step, a.verb) for a in planned] == [(1, REVERT, "start"), (2, REVERT, "resume"),
+                                                                 (3, REVERT, "restore")]
+    assert [a.t_s for a in planned] == [6.0, math.inf, 3.0]  # planned times; the freeze has none
+    assert planned[1].to_dict()["t_s"] is None  # JSON has no infinity
+    at_now = schedule.pending_reverts(ORIGIN + 2.75)
+    assert [(a.fault.index, a.t_s) for a in at_now] == [(1, 2.75), (2, 2.75), (3, 2.75)]
+    assert [a.fault.index for a in schedule.pending_reverts(ORIGIN + 3.0)] == [1, 2]  # the cut is restored at 3 s
+
+
+def test_close_undoes_freezes_and_cuts_but_restarts_nothing() -> None:
+    schedule = begun(crash(1, 1.0), freeze(2, 2.0, 100.0, node="alice"), cut(3, 2.0), cut(4, 50.0, link=("bob", "carol")))
+    schedule.due(ORIGIN + 10.0)
+    undo = schedule.close(ORIGIN + 12.0)
+    assert [(a.fault.index, a.step, a.verb, a.t_s) for a in undo] == [(2, REVERT, "resume", 12.0),
+                                                                     (3, REVERT, "restore", 12.0)]
+    assert schedule.closed and schedule.close(ORIGIN + 13.0) == []  # once
+    assert schedule.due(ORIGIN + 1000.0) == [] and schedule.next_due_s() is None  # the cut at 50 s never comes
+    assert schedule.down_nodes() == {"bob"}  # crashed nodes stay down
+    assert schedule.frozen_nodes() == set() and schedule.cut_links() == set()
+    assert [f.index for f in schedule.active(ORIGIN + 1000.0)] == [1]
+
+
+def test_close_before_begin_is_harmless() -> None:
+    schedule = FaultSchedule([freeze(1, 1.0)])
+    assert schedule.close(5.0) == [] and schedule.due(10.0) == []
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def test_actions_serialise() -> None:
+    (apply, revert) = FaultSchedule([crash(1, 2.0, 3.0)]).timeline()
+    assert apply.to_dict() == {"fault": 1, "kind": "node-crash", "step": "apply", "action": "kill", "t_s": 2.0,
+                               "node": "bob", "link": None, "description": "node-crash bob at 2 s for 3 s"}
+    assert revert.describe() == "fault 1 revert (start bob): node-crash bob at 2 s for 3 s"
+    (cut_apply,) = FaultSchedule([cut(7, 1.0)]).timeline()
+    assert json.loads(json.dumps(cut_apply.to_dict(), allow_nan=False))["link"] == ["alice", "bob"]
+    assert cut_apply.describe() == "fault 7 apply (cut [alice, bob]): link-cut [alice, bob] at 1 s until the end"

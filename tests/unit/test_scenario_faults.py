@@ -1,0 +1,397 @@
+"""The scenario's `faults` section: valid faults load, every mistake is a located problem.
+
+Covers the schema side of issue 3 part 4 (emulator/scenario/schema.py `Fault`,
+emulator/scenario/fault_kinds.py) and the shipped scenarios/crash-restart.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emulator.scenario import (
+    Fault,
+    FaultKind,
+    FaultTarget,
+    Problem,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    parse_scenario,
+    render_reference,
+    scenario_from_dict,
+    scenario_to_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CRASH_RESTART = ROOT / "scenarios" / "crash-restart.yaml"
+
+# Three nodes (carol external), two links; faults go at the end, from line 16 on.
+BASE = """\
+name: faulty
+duration: 20s
+nodes:
+  alice: {}
+  bob: {}
+  carol: {external: true}
+links:
+  - endpoints: [alice, bob]
+    length_km: 10
+    entanglement: {}
+  - endpoints: [bob, carol]
+    length_km: 5
+apps:
+  - {kind: epr-test, nodes: [alice, bob], pairs: 10}
+faults:
+"""
+FIRST_FAULT_LINE = 16
+
+
+def with_faults(*faults: str) -> str:
+    return BASE + "".join(f"  - {f}\n" for f in faults)
+
+
+def problems_of(text: str) -> tuple[Problem, ...]:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(text, filename="f.yaml")
+    return info.value.problems
+
+
+def only_problem(text: str) -> Problem:
+    problems = problems_of(text)
+    assert len(problems) == 1, "\n".join(map(str, problems))
+    return problems[0]
+
+
+# --------------------------------------------------------------------------- valid faults
+
+
+def test_every_kind_loads_with_si_values() -> None:
+    s = parse_scenario(with_faults(
+        "{at: 2s, kind: node-crash, node: bob, for: 3s}",
+        "{at: 2s, kind: node-restart, node: alice}",
+        "{at: 5500ms, kind: node-freeze, node: bob, for: 0.5}",
+        "{at: 8, kind: link-cut, link: [alice, bob], for: 2s}",
+        "{at: 0s, kind: link-cut, link: [bob, carol]}",
+    ))
+    crash, restart, freeze, cut, cut_forever = s.faults
+    assert (crash.kind, crash.at_s, crash.for_s, crash.node, crash.link) == (FaultKind.NODE_CRASH, 2.0, 3.0, "bob", None)
+    assert (restart.kind, restart.for_s, restart.end_s) == (FaultKind.NODE_RESTART, None, 2.0)  # instantaneous
+    assert (freeze.at_s, freeze.for_s, freeze.end_s) == (5.5, 0.5, 6.0)
+    assert (cut.node, cut.link, cut.end_s) == (None, ("alice", "bob"), 10.0)
+    assert cut_forever.at_s == 0.0 and math.isinf(cut_forever.end_s)  # lasts until the run ends
+    assert crash.describe() == "node-crash bob at 2 s for 3 s"
+    assert restart.describe() == "node-restart alice at 2 s"
+    assert cut_forever.describe() == "link-cut [bob, carol] at 0 s until the end"
+
+
+def test_a_scenario_without_faults_has_none() -> None:
+    s = parse_scenario(BASE.replace("faults:\n", ""))
+    assert s.faults == ()
+    assert parse_scenario(BASE.replace("faults:\n", "faults: []\n")).faults == ()
+
+
+def test_link_is_written_in_the_scenarios_order() -> None:
+    s = parse_scenario(with_faults("{at: 1s, kind: link-cut, link: [bob, alice], for: 1s}",
+                                   "{at: 1s, kind: link-cut, link: [carol, bob], for: 1s}"))
+    assert [f.link for f in s.faults] == [("alice", "bob"), ("bob", "carol")]
+
+
+def test_a_fault_may_outlast_the_run() -> None:
+    # `for` past `duration` is allowed (the runtime undoes faults at the end) and draws no remark.
+    s = parse_scenario(with_faults("{at: 19s, kind: node-freeze, node: bob, for: 1h}"))
+    assert s.faults[0].end_s == 19.0 + 3600.0
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # back to back on one target: the first is reverted at 5 s, then the second applied
+        ("{at: 2s, kind: node-crash, node: bob, for: 3s}", "{at: 5s, kind: node-freeze, node: bob, for: 1s}"),
+        ("{at: 2s, kind: link-cut, link: [alice, bob], for: 3s}", "{at: 5s, kind: link-cut, link: [bob, alice]}"),
+        # an instantaneous restart right when a window closes, or before one opens
+        ("{at: 2s, kind: node-freeze, node: bob, for: 3s}", "{at: 5s, kind: node-restart, node: bob}"),
+        ("{at: 2s, kind: node-restart, node: bob}", "{at: 2.001s, kind: node-crash, node: bob}"),
+        # different targets never clash, whatever the times
+        ("{at: 2s, kind: node-crash, node: bob}", "{at: 2s, kind: node-crash, node: alice}"),
+        ("{at: 2s, kind: node-crash, node: bob}", "{at: 2s, kind: link-cut, link: [alice, bob]}"),
+        ("{at: 2s, kind: link-cut, link: [alice, bob]}", "{at: 2s, kind: link-cut, link: [bob, carol]}"),
+    ],
+)
+def test_faults_that_do_not_overlap(first: str, second: str) -> None:
+    assert len(parse_scenario(with_faults(first, second)).faults) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "fragment"),
+    [
+        ("{at: 2s, kind: node-crash, node: bob, for: 3s}", "{at: 4s, kind: node-freeze, node: bob, for: 1s}",
+         "node-freeze bob at 4 s for 1 s overlaps faults[0] (node-crash bob at 2 s for 3 s) on node 'bob'"),
+        # without `for` a crash lasts until the end of the run
+        ("{at: 2s, kind: node-crash, node: bob}", "{at: 15s, kind: node-restart, node: bob}",
+         "overlaps faults[0] (node-crash bob at 2 s until the end)"),
+        # a later fault that started earlier in time is still caught (order in the file does not matter)
+        ("{at: 6s, kind: node-freeze, node: bob, for: 1s}", "{at: 5s, kind: node-crash, node: bob, for: 1.5s}",
+         "overlaps faults[0]"),
+        # an instantaneous restart inside a window
+        ("{at: 2s, kind: node-freeze, node: bob, for: 3s}", "{at: 4.999s, kind: node-restart, node: bob}",
+         "overlaps faults[0]"),
+        # two faults starting at the same instant
+        ("{at: 2s, kind: node-restart, node: bob}", "{at: 2s, kind: node-restart, node: bob}", "overlaps faults[0]"),
+        # one link, named in either order
+        ("{at: 2s, kind: link-cut, link: [alice, bob], for: 3s}", "{at: 3s, kind: link-cut, link: [bob, alice]}",
+         "on link [alice, bob]"),
+    ],
+)
+def test_overlapping_faults_on_one_target(first: str, second: str, fragment: str) -> None:
+    p = only_problem(with_faults(first, second))
+    assert (p.line, p.column, p.field) == (FIRST_FAULT_LINE + 1, 5, "faults[1]"), p
+    assert fragment in p.message and "must not overlap" in p.message, p.message
+
+
+def test_only_the_first_clash_of_a_fault_is_reported() -> None:
+    problems = problems_of(with_faults(
+        "{at: 1s, kind: node-freeze, node: bob}",
+        "{at: 2s, kind: node-crash, node: bob}",
+        "{at: 3s, kind: node-restart, node: bob}",
+    ))
+    assert [(p.field, "faults[0]" in p.message) for p in problems] == [("faults[1]", True), ("faults[2]", True)]
+
+
+# --------------------------------------------------------------------------- mistakes, with their place
+
+
+@pytest.mark.parametrize(
+    ("fault", "anchor", "field", "fragment"),
+    [
+        # `anchor`: the text the problem points at (its first character); "{" is the fault itself
+        ("{at: 2s, kind: node-crash, for: 3s}", "{", "faults[0].node", "missing required field 'node': node-crash acts on a node"),
+        ("{at: 2s, kind: node-crash, node: Bob}", "Bob", "faults[0].node", "invalid name 'Bob'"),
+        ("{at: 2s, kind: node-crash, node: dave}", "dave", "faults[0].node",
+         "unknown node 'dave' (declared nodes: alice, bob, carol)"),
+        ("{at: 2s, kind: node-crash, node: carol}", "carol", "faults[0].node",
+         "node 'carol' is external; qnetem cannot crash a process it did not start"),
+        ("{at: 2s, kind: node-freeze, node: carol}", "carol", "faults[0].node", "qnetem cannot freeze a process"),
+        ("{at: 2s, kind: node-restart, node: carol}", "carol", "faults[0].node", "qnetem cannot restart a process"),
+        ("{at: 2s, kind: link-cut, link: [alice, carol]}", "[alice", "faults[0].link",
+         "no link between 'alice' and 'carol' (links: [alice, bob], [bob, carol])"),
+        ("{at: 2s, kind: link-cut, link: [alice, dave]}", "dave", "faults[0].link[1]", "unknown node 'dave'"),
+        ("{at: 2s, kind: link-cut, link: [bob, bob]}", "bob]", "faults[0].link[1]", "two different nodes"),
+        ("{at: 2s, kind: link-cut, link: [alice]}", "[alice", "faults[0].link[1]", "missing list item [1]"),
+        ("{at: 2s, kind: link-cut, link: alice}", "alice", "faults[0].link", "tuple"),
+        ("{at: 20s, kind: node-crash, node: bob}", "20s", "faults[0].at", "at 20 s, not before the end of the run (20 s)"),
+        ("{at: -1s, kind: node-crash, node: bob}", "-1s", "faults[0].at", ">= 0"),
+        ("{at: 2 fortnights, kind: node-crash, node: bob}", "2 fortnights", "faults[0].at", "unknown unit"),
+        ("{kind: node-crash, node: bob}", "{", "faults[0].at", "missing required field 'at'"),
+        ("{at: 2s, node: bob}", "{", "faults[0].kind", "missing required field 'kind'"),
+        ("{at: 2s, kind: fiber-cut, link: [alice, bob]}", "fiber-cut", "faults[0].kind",
+         "'node-crash', 'node-restart', 'node-freeze' or 'link-cut'"),
+        ("{at: 2s, kind: node-crash, node: bob, for: 0s}", "0s", "faults[0].for", "must be > 0"),
+        ("{at: 2s, kind: node-crash, node: bob, for: -1s}", "-1s", "faults[0].for", ">= 0"),
+        ("{at: 2s, kind: node-crash, node: bob, fro: 1s}", "fro", "faults[0].fro", "did you mean 'for'?"),
+        ("[2s, node-crash, bob]", "[", "faults[0]", "expected a mapping"),
+    ],
+)
+def test_bad_faults(fault: str, anchor: str, field: str, fragment: str) -> None:
+    p = only_problem(with_faults(fault))
+    column = len("  - ") + fault.rindex(anchor) + 1
+    assert (p.file, p.line, p.column, p.field) == ("f.yaml", FIRST_FAULT_LINE, column, field), p
+    assert fragment in p.message, p.message
+
+
+@pytest.mark.parametrize(
+    ("fault", "wrong", "missing"),
+    [
+        ("{at: 2s, kind: node-freeze, link: [alice, bob]}", "link", "node"),
+        ("{at: 2s, kind: link-cut, node: bob}", "node", "link"),
+    ],
+)
+def test_the_wrong_target_field(fault: str, wrong: str, missing: str) -> None:
+    # Both mistakes are named: the field that does not belong, and the one that is missing.
+    problems = problems_of(with_faults(fault))
+    by_field = {p.field: p for p in problems}
+    assert set(by_field) == {f"faults[0].{wrong}", f"faults[0].{missing}"}, problems
+    assert by_field[f"faults[0].{missing}"].column == len("  - ") + 1  # the fault, where the key would go
+    assert by_field[f"faults[0].{wrong}"].column == len("  - ") + fault.index(f"{wrong}:") + len(wrong) + 3
+    assert f"missing required field {missing!r}" in by_field[f"faults[0].{missing}"].message
+    assert f"not a {wrong}" in by_field[f"faults[0].{wrong}"].message
+
+
+def test_node_and_link_given_together() -> None:
+    problems = problems_of(with_faults("{at: 2s, kind: link-cut, node: bob, link: [alice, bob]}"))
+    assert [(p.field, p.message) for p in problems] == [
+        ("faults[0].node", "link-cut acts on a link, not a node: remove `node` and give `link: [a, b]`")]
+
+
+def test_every_bad_fault_is_reported_in_one_go() -> None:
+    problems = problems_of(with_faults(
+        "{at: 2s, kind: node-crash, node: carol}",
+        "{at: 25s, kind: link-cut, link: [alice, carol]}",
+        "{at: 2s, kind: node-freeze}",
+        "{at: 1s, kind: node-restart, node: alice, for: 1s}",  # valid
+    ).replace("length_km: 5", "length_km: -5"))
+    assert [(p.line, p.field) for p in problems] == [
+        (12, "links[1].length_km"),  # a broken link is still a link the faults may name
+        (16, "faults[0].node"),
+        (17, "faults[1].at"),
+        (17, "faults[1].link"),
+        (18, "faults[2].node"),
+    ], "\n".join(map(str, problems))
+
+
+def test_too_many_faults() -> None:
+    faults = [f"{{at: {i}ms, kind: node-restart, node: bob}}" for i in range(1025)]
+    p = only_problem(with_faults(*faults))
+    assert (p.line, p.field) == (FIRST_FAULT_LINE - 1, "faults") and "at most 1024" in p.message, p
+    assert len(parse_scenario(with_faults(*faults[:1024])).faults) == 1024
+
+
+def test_faults_survive_json_and_yaml_round_trips() -> None:
+    s = parse_scenario(with_faults("{at: 2s, kind: node-crash, node: bob, for: 3s}",
+                                   "{at: 8s, kind: link-cut, link: [bob, alice]}"))
+    data = scenario_to_dict(s)
+    assert data["faults"] == [
+        {"kind": "node-crash", "at": 2.0, "node": "bob", "link": None, "for": 3.0},
+        {"kind": "link-cut", "at": 8.0, "node": None, "link": ["alice", "bob"], "for": None},
+    ]
+    assert scenario_from_dict(json.loads(json.dumps(data, allow_nan=False))) == s
+    assert parse_scenario(yaml.safe_dump(data)) == s
+    assert hash(s) == hash(scenario_from_dict(data))
+
+
+def test_from_dict_and_direct_construction_check_faults() -> None:
+    data = scenario_to_dict(parse_scenario(with_faults("{at: 2s, kind: node-crash, node: bob}")))
+    data["faults"][0]["node"] = "carol"
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict(data, source="run/scenario.json")
+    assert [str(p) for p in info.value.problems] == [
+        "run/scenario.json: faults[0].node: node 'carol' is external; qnetem cannot crash a process it did not start"]
+    with pytest.raises(pydantic.ValidationError, match="is external"):
+        Scenario.model_validate(data)
+
+
+def test_fault_models_are_frozen() -> None:
+    fault = parse_scenario(with_faults("{at: 2s, kind: node-crash, node: bob}")).faults[0]
+    assert isinstance(fault, Fault)
+    with pytest.raises(pydantic.ValidationError):
+        fault.at_s = 3.0  # type: ignore[misc]
+
+
+def test_kinds_table() -> None:
+    assert [k.value for k in FaultKind] == ["node-crash", "node-restart", "node-freeze", "link-cut"]
+    assert [k for k in FaultKind if k.target is FaultTarget.LINK] == [FaultKind.LINK_CUT]
+    assert [k for k in FaultKind if not k.lasts_to_end_without_for] == [FaultKind.NODE_RESTART]
+    assert {k for k in FaultKind if k.takes_node_down} == {FaultKind.NODE_CRASH, FaultKind.NODE_RESTART}
+    assert {k for k in FaultKind if k.undo_before_shutdown} == {FaultKind.NODE_FREEZE, FaultKind.LINK_CUT}
+    assert [(k.apply_verb, k.revert_verb) for k in FaultKind] == [
+        ("kill", "start"), ("stop", "start"), ("pause", "resume"), ("cut", "restore")]
+
+
+def test_reference_documents_faults() -> None:
+    reference = render_reference()
+    assert "### Fault\n" in reference and "### Fault kinds\n" in reference
+    for name, field in Fault.model_fields.items():
+        assert field.description, f"Fault.{name} has no description"
+        assert f"| `{field.alias or name}` |" in reference
+    for kind in FaultKind:
+        assert f"| `{kind.value}` | `{kind.target.value}` |" in reference
+    assert "| `faults` | list of [Fault](#fault) |" in reference
+
+
+# --------------------------------------------------------------------------- the shipped scenario
+
+
+def test_crash_restart_scenario_loads() -> None:
+    s = load_scenario(CRASH_RESTART)
+    assert s.name == "crash-restart" and s.duration_s == 60.0 and s.time_scale == 1.0
+    (crash,) = s.faults
+    assert (crash.kind, crash.node, crash.at_s, crash.for_s) == (FaultKind.NODE_CRASH, "bob", 5.0, 1.0)
+    assert [a.name for a in s.apps] == ["before", "after"]
+    assert {e.app for e in s.expect} == {"before", "after"}
+
+
+def test_crash_restart_timeline_leaves_margins() -> None:
+    """The crash falls well after `before` ends and `after` starts well after bob is back."""
+    s = load_scenario(CRASH_RESTART)
+    link = s.links[0]
+    assert link.entanglement is not None
+    eta = 10 ** (-link.attenuation_db_per_km * (link.length_km / 2) / 10) * link.entanglement.detector_efficiency
+    rate_hz = (eta**2 / 2) / (link.length_km * 4.9e-6)
+    before, after = s.app("before"), s.app("after")
+    (crash,) = s.faults
+    slowest_rate_hz = 1000.0  # nodes draining memories slower than the link heralds (two-node-epr.yaml)
+    before_s = before.pairs / min(rate_hz, slowest_rate_hz)  # type: ignore[attr-defined]
+    assert crash.at_s >= before.start_s + 10 * before_s
+    assert after.start_s - crash.end_s >= 5.0  # a restarted process or container registers in a few seconds
+    after_s = after.pairs / slowest_rate_hz  # type: ignore[attr-defined]
+    assert after.start_s + 10 * after_s <= s.duration_s
+    # every pair of both tests fits in memory, so the measured rate is the heralding rate
+    assert all(node.memory.qubits >= after.pairs for node in s.nodes.values())  # type: ignore[attr-defined]
+
+
+def test_crash_restart_bounds_are_four_standard_errors_below_the_model() -> None:
+    s = load_scenario(CRASH_RESTART)
+    link = s.links[0]
+    assert link.entanglement is not None
+    eta = 10 ** (-link.attenuation_db_per_km * (link.length_km / 2) / 10) * link.entanglement.detector_efficiency
+    p = eta**2 / 2
+    rate_hz = p / (link.length_km * 4.9e-6)
+    v = link.entanglement.visibility
+    model = {"fidelity": (1 + 3 * v) / 4, "chsh": 2 * math.sqrt(2) * v, "pair_rate_hz": rate_hz}
+    # epr-test sampling (nodes/apps/epr_test.py): fidelity cells 0.04 N pairs, CHSH cells 0.12 N,
+    # correlator variance (1 - E^2)/n; |E| = V for XX, YY, ZZ and V/sqrt2 for the CHSH cells.
+    def sigma(metric: str, n: int) -> float:
+        if metric == "fidelity":
+            return math.sqrt(3 * (1 - v**2) / (0.04 * n)) / 4
+        if metric == "chsh":
+            return math.sqrt(4 * (1 - v**2 / 2) / (0.12 * n))
+        return rate_hz * math.sqrt((1 - p) / n)
+
+    checked = set()
+    for e in s.expect:
+        n = s.app(e.app or "").pairs  # type: ignore[attr-defined]
+        if e.metric == "pairs_measured":
+            assert e.min == n
+            continue
+        assert e.min is not None and e.max is None
+        distance = (model[e.metric] - e.min) / sigma(e.metric, n)
+        assert 3.9 <= distance <= 4.5, (e.app, e.metric, distance)
+        checked.add((e.app, e.metric))
+    assert checked == {("before", "fidelity"), ("after", "fidelity"), ("after", "chsh"), ("after", "pair_rate_hz")}
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+_FAULT_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 30), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["2s", "0s", "-1s", "1h", "alice", "bob", "carol", "dave", "Bob", "node-crash", "node-restart",
+                     "node-freeze", "link-cut", "fiber-cut"]),
+    st.lists(st.sampled_from(["alice", "bob", "carol", "dave", 3]), max_size=3),
+)
+_FAULT = st.dictionaries(st.sampled_from(["at", "kind", "node", "link", "for", "fro"]), _FAULT_VALUES, max_size=5)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FAULT, max_size=4))
+def test_fuzz_faults(faults: list[dict[str, Any]]) -> None:
+    data = yaml.safe_load(BASE)
+    data["faults"] = copy.deepcopy(faults)
+    try:
+        s = parse_scenario(yaml.safe_dump(data))
+    except ScenarioError as err:
+        assert err.problems and all(p.line >= 1 and p.column >= 1 for p in err.problems), str(err)
+    else:
+        # whatever was accepted honours the rules
+        for f in s.faults:
+            assert (f.node is None) != (f.link is None)
+            assert f.node in (None, "alice", "bob") and 0 <= f.at_s < s.duration_s
+            assert f.link in (None, ("alice", "bob"), ("bob", "carol"))
