@@ -18,6 +18,7 @@ second call returns an empty report. An I/O shell over the docker SDK.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,16 @@ def _remove_network(network: Any) -> None:
                 network.disconnect(container, force=True)
         except docker.errors.APIError:
             pass
+        # Endpoints that are no container: a swarm overlay's load-balancer endpoint
+        # ("<network>-endpoint") can outlive `docker stack rm`; force-disconnect it by name.
+        try:
+            network.reload()
+            endpoints = (network.attrs.get("Containers") or {}).items()
+        except docker.errors.APIError:
+            endpoints = ()
+        for endpoint_id, info in endpoints:
+            with contextlib.suppress(docker.errors.APIError):
+                network.disconnect((info or {}).get("Name") or endpoint_id, force=True)
 
 
 def _remove_images(client: Any) -> tuple[str, ...]:
