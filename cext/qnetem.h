@@ -117,6 +117,90 @@ int qnetem_rng_u64(uint64_t key, uint64_t stream, uint64_t start, size_t count,
 int qnetem_rng_uniform(uint64_t key, uint64_t stream, uint64_t start, size_t count,
                        double *out);
 
+/* GF(2) kernels on bit-packed keys (cext/qnetem_gf2.c). A key of n_bits bits is
+ * ceil(n_bits/64) uint64 words; key bit i is bit (i % 64) of word i / 64 (LSB first).
+ * Padding bits (>= n_bits) are ignored on input and written as 0. Positions, indices and
+ * ranges are int64 (numpy's default integer); out-of-range values are QNETEM_ERR_ARG. */
+int qnetem_gf2_pack(const uint8_t *bits, size_t n_bits, uint64_t *words);
+int qnetem_gf2_unpack(const uint64_t *words, size_t n_bits, uint8_t *bits);
+/* *parity_out = XOR of key bits [start, stop). */
+int qnetem_gf2_parity_range(const uint64_t *words, size_t n_bits, size_t start, size_t stop,
+                            int *parity_out);
+/* out[b] = XOR of key bits [starts[b], stops[b]) for b < count. */
+int qnetem_gf2_parities_ranges(const uint64_t *words, size_t n_bits, const int64_t *starts,
+                               const int64_t *stops, size_t count, uint8_t *out);
+/* out[b] = XOR of key bits index[j] for j in [starts[b], stops[b]) (ranges of index). */
+int qnetem_gf2_parities_indexed(const uint64_t *words, size_t n_bits, const int64_t *index,
+                                size_t n_index, const int64_t *starts, const int64_t *stops,
+                                size_t count, uint8_t *out);
+/* out bit j = key bit index[j] for j < n_out (a shuffled copy of n_out bits). */
+int qnetem_gf2_gather(const uint64_t *words, size_t n_bits, const int64_t *index, size_t n_out,
+                      uint64_t *out_words);
+/* Flip key bit positions[k] for k < count (a position listed twice flips back). */
+int qnetem_gf2_flip_bits(uint64_t *words, size_t n_bits, const int64_t *positions, size_t count);
+/* *distance_out = number of positions < n_bits where a and b differ. */
+int qnetem_gf2_hamming(const uint64_t *a, const uint64_t *b, size_t n_bits, uint64_t *distance_out);
+
+/* Optical layer of decoy-state BB84 (cext/qnetem_optics.c; model and tables in
+ * emulator/kernels/_optics.py). Alice's choice for pulse i: u = rng_u64(alice_key, 0, i);
+ * class 0/1/2 = signal/decoy/vacuum by (u >> 32) < signal, < signal_or_decoy, else;
+ * basis Z (0) iff ((u >> 1) & 0x7FFFFFFF) < basis_z, else X (1); bit = u & 1. */
+typedef struct {
+    uint64_t signal;
+    uint64_t signal_or_decoy;
+    uint64_t basis_z;
+} qnetem_optics_choice;
+
+/* Kind k = mode * 3 + class, mode 0 normal, 1 intercepted, 2 photon-number split.
+ * accept[k] = P_k / p_max; entries of kind k are [kind_start[k], kind_start[k+1]) with
+ * the CDF given a click, Alice's photon number, EveFlag bits and 6 pattern thresholds. */
+typedef struct {
+    uint64_t alice_key;
+    qnetem_optics_choice choice;
+    uint64_t channel_key;
+    uint64_t bob_basis_z;
+    uint64_t dead_slots;
+    int has_candidates;
+    double log1m_p_max;
+    double intercept_fraction;
+    int pns;
+    double accept[9];
+    uint32_t kind_start[10];
+    const double *entry_cdf;
+    const uint8_t *entry_photons;
+    const uint8_t *entry_flags;
+    const double *entry_pattern;
+    size_t n_entries;
+} qnetem_optics_model;
+
+typedef struct {
+    uint64_t ordinal;
+    uint64_t position;
+    uint64_t dead_until;
+} qnetem_optics_cursor;
+
+typedef struct {
+    uint64_t *pulse;
+    uint8_t *bob_basis;
+    uint8_t *outcome;
+    uint8_t *double_click;
+    uint8_t *photons;
+    uint8_t *alice_class;
+    uint8_t *alice_basis;
+    uint8_t *alice_bit;
+    uint8_t *eve;
+} qnetem_optics_out;
+
+/* cls/basis/bit[j] = Alice's choices for pulse indices[j]. */
+int qnetem_optics_choices(uint64_t alice_key, const uint64_t *indices, size_t count,
+                          const qnetem_optics_choice *thresholds, uint8_t *cls,
+                          uint8_t *basis, uint8_t *bit);
+/* Registered clicks among pulses [cursor->position, end) (end <= 2^53), at most capacity;
+ * writes *count_out rows of out and advances *cursor. */
+int qnetem_optics_sample(const qnetem_optics_model *model, qnetem_optics_cursor *cursor,
+                         uint64_t end, size_t capacity, const qnetem_optics_out *out,
+                         size_t *count_out);
+
 /* END CFFI DECLARATIONS */
 
 #endif /* QNETEM_H */

@@ -16,11 +16,39 @@ call. Importing this package never loads the compiled module.
 The RNG is Philox4x32-10 (Salmon et al., SC'11): ``rng_u64(key, stream, start, count)``
 returns samples ``start .. start+count-1`` of an independent sequence per (key, stream),
 with random access and bit-identical output from both backends.
+
+GF(2) kernels (``gf2_*``) work on bit-packed keys: n bits in ceil(n/64) uint64 words, key
+bit i = bit (i % 64) of word i // 64, least significant bit first (``gf2_pack`` /
+``gf2_unpack`` convert). They compute the parities of many blocks of a key at once
+(contiguous ranges, or ranges of a shuffling index), shuffle a key (``gf2_gather``),
+flip bits and count differing bits: the parity work of Cascade reconciliation.
+
+Optics kernels (``optics_*``, model in ``_optics.py``) serve decoy-state BB84: Alice's
+per-pulse (intensity class, basis, bit) as a pure function of her key and the pulse index
+(``optics_choices``), and the detections at Bob sampled at a cost proportional to the
+detections (``optics_sample`` over an :class:`OpticsModel` built by
+:func:`build_optics_model`).
 """
 
+from ._optics import (
+    CHOICE_STREAM,
+    MAX_MEAN_PHOTON_NUMBER,
+    MAX_PULSE_INDEX,
+    ChoiceThresholds,
+    Detections,
+    Eavesdropper,
+    EveFlag,
+    OpticsCursor,
+    OpticsModel,
+    OpticsParameters,
+    PulseChoices,
+    PulseMode,
+    build_optics_model,
+)
 from ._select import BACKEND_NAMES, DEFAULT_BACKEND, ENV_VAR, get_backend
 from ._types import (
     GATES,
+    GF2_MAX_BITS,
     MAX_QUBITS,
     Backend,
     Basis,
@@ -28,6 +56,7 @@ from ._types import (
     KernelBuildError,
     KernelError,
     derive_key,
+    gf2_words_for_bits,
     kraus_amplitude_damping,
     kraus_dephasing,
     kraus_depolarizing,
@@ -36,9 +65,23 @@ from ._types import (
 
 __all__ = [
     "BACKEND_NAMES",
+    "CHOICE_STREAM",
+    "MAX_MEAN_PHOTON_NUMBER",
+    "MAX_PULSE_INDEX",
+    "ChoiceThresholds",
+    "Detections",
+    "Eavesdropper",
+    "EveFlag",
+    "OpticsCursor",
+    "OpticsModel",
+    "OpticsParameters",
+    "PulseChoices",
+    "PulseMode",
+    "build_optics_model",
     "DEFAULT_BACKEND",
     "ENV_VAR",
     "GATES",
+    "GF2_MAX_BITS",
     "MAX_QUBITS",
     "Backend",
     "Basis",
@@ -47,6 +90,7 @@ __all__ = [
     "KernelError",
     "derive_key",
     "get_backend",
+    "gf2_words_for_bits",
     "kraus_amplitude_damping",
     "kraus_dephasing",
     "kraus_depolarizing",

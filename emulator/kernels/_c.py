@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._digest import source_digest
+from ._optics_c import COpticsMixin
 from ._types import Basis, CheckedBackend, KernelBuildError, KernelError
 
 __all__ = ["CBackend", "load_cext"]
@@ -89,7 +90,7 @@ def _check(rc: int, function: str) -> None:
         raise KernelError(f"{function} failed: {_STATUS.get(rc, 'unknown status')} (status {rc})")
 
 
-class CBackend(CheckedBackend):
+class CBackend(COpticsMixin, CheckedBackend):
     """Backend calling the C99 kernels of cext/ (see cext/qnetem.h for their contracts)."""
 
     name = "c"
@@ -184,3 +185,95 @@ class CBackend(CheckedBackend):
             buf = self._ffi.from_buffer("double[]", out, require_writable=True)
             _check(self._lib.qnetem_rng_uniform(key, stream, start, count, buf), "qnetem_rng_uniform")
         return out
+
+    # --- GF(2) on bit-packed keys (cext/qnetem_gf2.c) --------------------------------
+    def _u64(self, arr: np.ndarray, *, writable: bool = False) -> Any:
+        return self._ffi.from_buffer("uint64_t[]", arr, require_writable=writable)
+
+    def _i64(self, arr: np.ndarray) -> Any:
+        return self._ffi.from_buffer("int64_t[]", arr)
+
+    def _impl_gf2_pack(self, bits: np.ndarray) -> np.ndarray:
+        n = bits.shape[0]
+        out = np.empty((n + 63) // 64, dtype=np.uint64)
+        if n:
+            rc = self._lib.qnetem_gf2_pack(
+                self._ffi.from_buffer("uint8_t[]", bits), n, self._u64(out, writable=True)
+            )
+            if rc == -6:
+                raise KernelError("bits must hold only 0 and 1")
+            _check(rc, "qnetem_gf2_pack")
+        return out
+
+    def _impl_gf2_unpack(self, words: np.ndarray, n_bits: int) -> np.ndarray:
+        out = np.empty(n_bits, dtype=np.uint8)
+        if n_bits:
+            rc = self._lib.qnetem_gf2_unpack(
+                self._u64(words), n_bits, self._ffi.from_buffer("uint8_t[]", out, require_writable=True)
+            )
+            _check(rc, "qnetem_gf2_unpack")
+        return out
+
+    def _impl_gf2_parity_range(self, words: np.ndarray, n_bits: int, start: int, stop: int) -> int:
+        if start == stop:
+            return 0
+        parity = self._ffi.new("int *")
+        _check(self._lib.qnetem_gf2_parity_range(self._u64(words), n_bits, start, stop, parity),
+               "qnetem_gf2_parity_range")  # fmt: skip
+        return int(parity[0])
+
+    def _impl_gf2_parities_ranges(
+        self, words: np.ndarray, n_bits: int, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        count = starts.shape[0]
+        out = np.empty(count, dtype=np.uint8)
+        if count:
+            rc = self._lib.qnetem_gf2_parities_ranges(
+                self._u64(words) if words.size else self._ffi.NULL, n_bits,
+                self._i64(starts), self._i64(stops), count,
+                self._ffi.from_buffer("uint8_t[]", out, require_writable=True),
+            )  # fmt: skip
+            _check(rc, "qnetem_gf2_parities_ranges")
+        return out
+
+    def _impl_gf2_parities_indexed(
+        self, words: np.ndarray, n_bits: int, index: np.ndarray, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        count = starts.shape[0]
+        out = np.empty(count, dtype=np.uint8)
+        if count:
+            ffi = self._ffi
+            rc = self._lib.qnetem_gf2_parities_indexed(
+                self._u64(words) if words.size else ffi.NULL, n_bits,
+                self._i64(index) if index.size else ffi.NULL, index.shape[0],
+                self._i64(starts), self._i64(stops), count,
+                ffi.from_buffer("uint8_t[]", out, require_writable=True),
+            )  # fmt: skip
+            if rc == -6:
+                raise KernelError(f"index entries read by the ranges must lie in [0, {n_bits})")
+            _check(rc, "qnetem_gf2_parities_indexed")
+        return out
+
+    def _impl_gf2_gather(self, words: np.ndarray, n_bits: int, index: np.ndarray) -> np.ndarray:
+        n_out = index.shape[0]
+        out = np.empty((n_out + 63) // 64, dtype=np.uint64)
+        if n_out:
+            rc = self._lib.qnetem_gf2_gather(
+                self._u64(words), n_bits, self._i64(index), n_out, self._u64(out, writable=True)
+            )
+            _check(rc, "qnetem_gf2_gather")
+        return out
+
+    def _impl_gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: np.ndarray) -> None:
+        if positions.size:
+            rc = self._lib.qnetem_gf2_flip_bits(
+                self._u64(words, writable=True), n_bits, self._i64(positions), positions.shape[0]
+            )
+            _check(rc, "qnetem_gf2_flip_bits")
+
+    def _impl_gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int:
+        distance = self._ffi.new("uint64_t *")
+        if n_bits == 0:
+            return 0
+        _check(self._lib.qnetem_gf2_hamming(self._u64(a), self._u64(b), n_bits, distance), "qnetem_gf2_hamming")
+        return int(distance[0])

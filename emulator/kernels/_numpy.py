@@ -13,6 +13,11 @@ Partial traces contract a row axis with its column axis (``einsum``).
 The RNG is Philox4x32-10 vectorised over sample indices with uint64 arrays holding
 32-bit words (a 32x32-bit product fits in 64 bits), bit-identical to cext/qnetem_rng.c.
 
+GF(2) kernels use the packed layout of cext/qnetem_gf2.c. Range parities take a prefix
+XOR over whole words plus two masked edge words and fold each uint64 onto its parity;
+indexed parities gather the covered bits into one flat array and difference its prefix
+XOR at the range ends (so empty ranges give 0 without special cases).
+
 Everything here is written for clarity first; the arguments are validated by
 :class:`~emulator.kernels._types.CheckedBackend` before any ``_impl_*`` runs.
 """
@@ -24,6 +29,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from ._optics_numpy import NumpyOpticsMixin
 from ._types import Basis, CheckedBackend, KernelError
 
 __all__ = ["NumpyBackend", "philox4x32_10"]
@@ -125,7 +131,67 @@ def _rng_u64(key: int, stream: int, start: int, count: int) -> np.ndarray:
     return x0 | (x1 << _SHIFT32)
 
 
-class NumpyBackend(CheckedBackend):
+# ------------------------------------------------------------------------ GF(2) helpers
+# Packed layout as cext/qnetem_gf2.c: key bit i = bit (i % 64) of uint64 word i // 64.
+
+_ONE = np.uint64(1)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _unpack_bits(words: np.ndarray, n_bits: int) -> np.ndarray:
+    as_bytes = np.ascontiguousarray(words, dtype="<u8").view(np.uint8)
+    return np.unpackbits(as_bytes, count=n_bits, bitorder="little")
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    n_words = (bits.shape[0] + 63) // 64
+    padded = np.zeros(n_words * 64, dtype=np.uint8)
+    padded[: bits.shape[0]] = bits
+    return np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
+
+
+def _parity64(x: np.ndarray) -> np.ndarray:
+    """Parity of each uint64 by folding halves onto each other (x ^= x >> 32, ...)."""
+    x = x.copy()
+    for shift in (32, 16, 8, 4, 2, 1):
+        x ^= x >> np.uint64(shift)
+    return (x & _ONE).astype(np.uint8)
+
+
+def _low_mask(n: np.ndarray) -> np.ndarray:
+    """Mask of the n lowest bits of a word, for 0 <= n <= 64 (vectorised)."""
+    n = n.astype(np.uint64)
+    full = n >= np.uint64(64)
+    shifted = (_ONE << np.where(full, np.uint64(0), n)) - _ONE
+    return np.where(full, _ALL, shifted)
+
+
+def _range_parities(words: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """XOR of bits [start, stop) per range: masked edge words plus a prefix XOR of the
+    whole words between them (one pass over the key, O(1) per range)."""
+    out = np.zeros(starts.shape[0], dtype=np.uint8)
+    live = stops > starts
+    if not live.any():
+        return out
+    s = starts[live]
+    e = stops[live]
+    prefix = np.zeros(words.shape[0] + 1, dtype=np.uint64)
+    np.bitwise_xor.accumulate(words, out=prefix[1:])
+    w0 = s // 64
+    w1 = (e - 1) // 64
+    lo_mask = ~_low_mask(s % 64)  # bits >= s % 64
+    hi_mask = _low_mask((e - 1) % 64 + 1)  # bits <= (e-1)%64
+    same = w0 == w1
+    acc = np.where(
+        same,
+        words[w0] & lo_mask & hi_mask,
+        (words[w0] & lo_mask) ^ (words[w1] & hi_mask) ^ prefix[w1] ^ prefix[np.minimum(w0 + 1, w1)],
+    )
+    out[live] = _parity64(acc)
+    return out
+
+
+class NumpyBackend(NumpyOpticsMixin, CheckedBackend):
     """Reference backend in numpy; same interface and results as the C backend."""
 
     name = "numpy"
@@ -208,3 +274,47 @@ class NumpyBackend(CheckedBackend):
     def _impl_rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
         # Top 53 bits as a double in [0, 1): exact, identical to the C conversion.
         return (_rng_u64(key, stream, start, count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    # --- GF(2) on bit-packed keys ---------------------------------------------------
+    def _impl_gf2_pack(self, bits: np.ndarray) -> np.ndarray:
+        if bits.size and bits.max() > 1:
+            raise KernelError("bits must hold only 0 and 1")
+        return _pack_bits(bits)
+
+    def _impl_gf2_unpack(self, words: np.ndarray, n_bits: int) -> np.ndarray:
+        return _unpack_bits(words, n_bits)
+
+    def _impl_gf2_parity_range(self, words: np.ndarray, n_bits: int, start: int, stop: int) -> int:
+        return int(_range_parities(words, np.array([start]), np.array([stop]))[0])
+
+    def _impl_gf2_parities_ranges(
+        self, words: np.ndarray, n_bits: int, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        return _range_parities(words, starts, stops)
+
+    def _impl_gf2_parities_indexed(
+        self, words: np.ndarray, n_bits: int, index: np.ndarray, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        lengths = stops - starts
+        total = int(lengths.sum())
+        # Flat list of the index positions every range covers, ranges back to back.
+        first = np.cumsum(lengths) - lengths
+        covered = np.arange(total, dtype=np.int64) - np.repeat(first, lengths) + np.repeat(starts, lengths)
+        positions = index[covered]
+        if positions.size and (positions.min() < 0 or positions.max() >= n_bits):
+            raise KernelError(f"index entries read by the ranges must lie in [0, {n_bits})")
+        gathered = _unpack_bits(words, n_bits)[positions]
+        prefix = np.zeros(total + 1, dtype=np.uint8)
+        np.bitwise_xor.accumulate(gathered, out=prefix[1:])
+        return prefix[first + lengths] ^ prefix[first]
+
+    def _impl_gf2_gather(self, words: np.ndarray, n_bits: int, index: np.ndarray) -> np.ndarray:
+        return _pack_bits(_unpack_bits(words, n_bits)[index])
+
+    def _impl_gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: np.ndarray) -> None:
+        p = positions.astype(np.uint64)
+        # ufunc.at is unbuffered, so a position listed twice flips back, as in C.
+        np.bitwise_xor.at(words, (p >> np.uint64(6)).astype(np.intp), _ONE << (p & np.uint64(63)))
+
+    def _impl_gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int:
+        return int(np.count_nonzero(_unpack_bits(a ^ b, n_bits)))

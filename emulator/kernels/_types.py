@@ -13,6 +13,8 @@ reached with a buffer it could overrun.
 Conventions (both backends): a density matrix ``rho`` of ``n`` qubits is a
 C-contiguous complex128 array of shape ``(2**n, 2**n)``; qubit 0 is the MOST
 significant bit of the basis index, so ``np.kron(A, B)`` has A on qubit 0.
+GF(2) kernels take bit-packed keys: ceil(n/64) uint64 words, key bit i = bit (i % 64)
+of word i // 64 (see ``gf2_words_for_bits`` and cext/qnetem_gf2.c).
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ import math
 import operator
 import types
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:  # _optics imports this module; the Protocol only names its types
+    from ._optics import ChoiceThresholds, Detections, OpticsCursor, OpticsModel, PulseChoices
+
 __all__ = [
     "GATES",
+    "GF2_MAX_BITS",
     "MAX_QUBITS",
     "Backend",
     "Basis",
@@ -39,6 +45,7 @@ __all__ = [
     "KernelBuildError",
     "KernelError",
     "derive_key",
+    "gf2_words_for_bits",
     "kraus_amplitude_damping",
     "kraus_dephasing",
     "kraus_depolarizing",
@@ -116,6 +123,36 @@ class Backend(Protocol):
     def rng_uniform(self, key: int, stream: int, start: int, count: int) -> np.ndarray: ...
 
     def rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray: ...
+
+    # GF(2) kernels on bit-packed keys (layout: see gf2_words_for_bits).
+    def gf2_pack(self, bits: np.ndarray) -> np.ndarray: ...
+
+    def gf2_unpack(self, words: np.ndarray, n_bits: int) -> np.ndarray: ...
+
+    def gf2_parity_range(self, words: np.ndarray, n_bits: int, start: int, stop: int) -> int: ...
+
+    def gf2_parities_ranges(
+        self, words: np.ndarray, n_bits: int, starts: npt.ArrayLike, stops: npt.ArrayLike
+    ) -> np.ndarray: ...
+
+    def gf2_parities_indexed(
+        self, words: np.ndarray, n_bits: int, index: npt.ArrayLike, starts: npt.ArrayLike, stops: npt.ArrayLike
+    ) -> np.ndarray: ...
+
+    def gf2_gather(self, words: np.ndarray, n_bits: int, index: npt.ArrayLike) -> np.ndarray: ...
+
+    def gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: npt.ArrayLike) -> None: ...
+
+    def gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int: ...
+
+    # Optics of decoy-state BB84 (emulator/kernels/_optics.py, cext/qnetem_optics.c).
+    def optics_choices(
+        self, alice_key: int, indices: npt.ArrayLike, thresholds: ChoiceThresholds
+    ) -> PulseChoices: ...
+
+    def optics_sample(
+        self, model: OpticsModel, cursor: OpticsCursor, end: int, capacity: int
+    ) -> tuple[Detections, OpticsCursor]: ...
 
 
 # ------------------------------------------------------------------------ argument checks
@@ -278,6 +315,90 @@ def check_rng_args(key: object, stream: object, start: object, count: object) ->
     return k, s, i0, c
 
 
+# ------------------------------------------------------------------ GF(2) argument checks
+#
+# Packed layout (both backends, cext/qnetem_gf2.c): n_bits bits in ceil(n_bits/64) uint64
+# words, key bit i = bit (i % 64) of word i // 64, least significant bit first. Padding
+# bits (>= n_bits) are ignored on input and written as zero.
+
+#: Largest key the GF(2) kernels accept (positions must fit int64 with room to spare).
+GF2_MAX_BITS = 1 << 40
+
+
+def gf2_words_for_bits(n_bits: int) -> int:
+    """Number of uint64 words that hold n_bits packed bits."""
+    return (n_bits + 63) // 64
+
+
+def check_n_bits(n_bits: object) -> int:
+    n = _int("n_bits", n_bits)
+    if not 0 <= n <= GF2_MAX_BITS:
+        raise KernelError(f"n_bits must be in [0, 2**40], got {n}")
+    return n
+
+
+def check_gf2_words(name: str, words: object, n_bits: int, *, writable: bool = False) -> np.ndarray:
+    """A packed key: 1-D C-contiguous uint64 of exactly ceil(n_bits/64) words."""
+    if not isinstance(words, np.ndarray):
+        raise KernelError(f"{name} must be a numpy.ndarray of packed bits, got {type(words).__name__}")
+    if words.dtype != np.uint64:
+        raise KernelError(f"{name} must have dtype uint64 (packed bits), got {words.dtype}")
+    expected = gf2_words_for_bits(n_bits)
+    if words.shape != (expected,):
+        raise KernelError(f"{name} must have shape ({expected},) for {n_bits} bits, got {words.shape}")
+    if not words.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    if writable and not words.flags.writeable:
+        raise KernelError(f"{name} is modified in place and must be writeable")
+    return words
+
+
+def check_bits(bits: object) -> np.ndarray:
+    """Unpacked bits: 1-D C-contiguous uint8 (or bool) holding 0 and 1; returned as uint8.
+    The 0/1 check itself is done by the kernels (one pass over the data)."""
+    if not isinstance(bits, np.ndarray):
+        raise KernelError(f"bits must be a numpy.ndarray, got {type(bits).__name__}")
+    if bits.dtype not in (np.uint8, np.bool_):
+        raise KernelError(f"bits must have dtype uint8 or bool, got {bits.dtype}")
+    if bits.ndim != 1:
+        raise KernelError(f"bits must be 1-D, got shape {bits.shape}")
+    if not bits.flags.c_contiguous:
+        raise KernelError("bits must be C-contiguous")
+    if bits.shape[0] > GF2_MAX_BITS:
+        raise KernelError(f"bits holds {bits.shape[0]} > 2**40 bits")
+    return bits.view(np.uint8)
+
+
+def check_int64_vector(name: str, values: object) -> np.ndarray:
+    """A 1-D vector of integers (any integer dtype or a sequence) as C-contiguous int64."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise KernelError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.bool_):
+        raise KernelError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise KernelError(f"{name} has values beyond int64")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_gf2_ranges(starts: object, stops: object, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ranges [starts[b], stops[b]) with 0 <= start <= stop <= limit, as int64 vectors."""
+    s = check_int64_vector("starts", starts)
+    e = check_int64_vector("stops", stops)
+    if s.shape != e.shape:
+        raise KernelError(f"starts and stops must have the same length, got {s.shape[0]} and {e.shape[0]}")
+    if s.size and (s.min() < 0 or (e < s).any() or e.max() > limit):
+        raise KernelError(f"every range must satisfy 0 <= start <= stop <= {limit}")
+    return s, e
+
+
+def check_positions(name: str, positions: object, n_bits: int) -> np.ndarray:
+    p = check_int64_vector(name, positions)
+    if p.size and (p.min() < 0 or p.max() >= n_bits):
+        raise KernelError(f"{name} must lie in [0, {n_bits})")
+    return p
+
+
 class CheckedBackend(abc.ABC):
     """Validates arguments, then calls ``_impl_*`` (implemented by each backend)."""
 
@@ -381,6 +502,68 @@ class CheckedBackend(abc.ABC):
         """uint64 samples start .. start+count-1 of Philox stream (key, stream)."""
         return self._impl_rng_u64(*check_rng_args(key, stream, start, count))
 
+    # --- GF(2) on bit-packed keys (layout above check_n_bits) -----------------------
+    def gf2_pack(self, bits: np.ndarray) -> np.ndarray:
+        """Pack 0/1 bits (uint8 or bool, 1-D) into a new uint64 word array."""
+        b = check_bits(bits)
+        return self._impl_gf2_pack(b)
+
+    def gf2_unpack(self, words: np.ndarray, n_bits: int) -> np.ndarray:
+        """New uint8 array of the n_bits bits held in `words`."""
+        n = check_n_bits(n_bits)
+        return self._impl_gf2_unpack(check_gf2_words("words", words, n), n)
+
+    def gf2_parity_range(self, words: np.ndarray, n_bits: int, start: int, stop: int) -> int:
+        """XOR of key bits [start, stop) (0 for an empty range)."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("words", words, n)
+        s, e = _int("start", start), _int("stop", stop)
+        if not 0 <= s <= e <= n:
+            raise KernelError(f"need 0 <= start <= stop <= {n}, got start={s} stop={e}")
+        return self._impl_gf2_parity_range(words, n, s, e)
+
+    def gf2_parities_ranges(
+        self, words: np.ndarray, n_bits: int, starts: npt.ArrayLike, stops: npt.ArrayLike
+    ) -> np.ndarray:
+        """uint8 parities of key bits [starts[b], stops[b]) for every b."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("words", words, n)
+        s, e = check_gf2_ranges(starts, stops, n)
+        return self._impl_gf2_parities_ranges(words, n, s, e)
+
+    def gf2_parities_indexed(
+        self, words: np.ndarray, n_bits: int, index: npt.ArrayLike, starts: npt.ArrayLike, stops: npt.ArrayLike
+    ) -> np.ndarray:
+        """uint8 parities of the key bits index[starts[b]:stops[b]] for every b: the parity
+        of block b of a key shuffled by `index`, without building the shuffled copy.
+        Only the index entries the ranges cover are read, and only those are checked
+        (by the kernel) to lie in [0, n_bits)."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("words", words, n)
+        idx = check_int64_vector("index", index)
+        s, e = check_gf2_ranges(starts, stops, idx.shape[0])
+        return self._impl_gf2_parities_indexed(words, n, idx, s, e)
+
+    def gf2_gather(self, words: np.ndarray, n_bits: int, index: npt.ArrayLike) -> np.ndarray:
+        """New packed key of len(index) bits: bit j = key bit index[j] (shuffle/select)."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("words", words, n)
+        idx = check_positions("index", index, n)
+        return self._impl_gf2_gather(words, n, idx)
+
+    def gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: npt.ArrayLike) -> None:
+        """Flip key bit p for every p in positions, in place (a repeated p flips back)."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("words", words, n, writable=True)
+        self._impl_gf2_flip_bits(words, n, check_positions("positions", positions, n))
+
+    def gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int:
+        """Number of positions < n_bits where the packed keys a and b differ."""
+        n = check_n_bits(n_bits)
+        check_gf2_words("a", a, n)
+        check_gf2_words("b", b, n)
+        return self._impl_gf2_hamming(a, b, n)
+
     # --- implemented by each backend (arguments already validated) --------------------
     @abc.abstractmethod
     def _impl_apply_1q(self, rho: np.ndarray, n: int, q: int, u: np.ndarray) -> None:
@@ -426,6 +609,42 @@ class CheckedBackend(abc.ABC):
 
     @abc.abstractmethod
     def _impl_rng_u64(self, key: int, stream: int, start: int, count: int) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_pack(self, bits: np.ndarray) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_unpack(self, words: np.ndarray, n_bits: int) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_parity_range(self, words: np.ndarray, n_bits: int, start: int, stop: int) -> int:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_parities_ranges(
+        self, words: np.ndarray, n_bits: int, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_parities_indexed(
+        self, words: np.ndarray, n_bits: int, index: np.ndarray, starts: np.ndarray, stops: np.ndarray
+    ) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_gather(self, words: np.ndarray, n_bits: int, index: np.ndarray) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: np.ndarray) -> None:
+        ...
+
+    @abc.abstractmethod
+    def _impl_gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int:
         ...
 
 

@@ -2,10 +2,11 @@
 
 Fibre (loss, delay), heralded entanglement (single- and double-click), Bell/Werner
 states, memory T1/T2 decoherence, detectors (efficiency, dark counts, dead time,
-misalignment), weak-coherent sources (Poisson photon number, decoy intensities) and
-gate depolarisation. Nothing here reads a clock or a global RNG: times are arguments
-and sampling takes a seeded `numpy.random.Generator`. Every formula cites its source
-in the module that implements it.
+misalignment), weak-coherent sources (Poisson photon number, decoy intensities), gate
+depolarisation, and decoy-state BB84 (expected statistics, decoy bounds, asymptotic and
+finite-key secret key lengths). Nothing here reads a clock or a global RNG: times are
+arguments and sampling takes a seeded `numpy.random.Generator`. Every formula cites its
+source in the module that implements it.
 """
 
 from .bell import (
@@ -57,6 +58,36 @@ from .memory import (
     pure_dephasing_probability,
     werner_fidelity_after_dephasing,
 )
+from .qkd import (
+    BB84_SIFTING_FACTOR,
+    GYS_PARAMETERS,
+    DecoyBb84Parameters,
+    DecoyMethod,
+    FiniteKeyInput,
+    FiniteKeyResult,
+    IntensityCounts,
+    IntensityStatistics,
+    SinglePhotonBounds,
+    YieldModel,
+    asymptotic_key_rate,
+    binary_entropy,
+    decoy_bounds,
+    expected_error_rate,
+    expected_finite_key_input,
+    expected_gain,
+    expected_intensity_statistics,
+    finite_key_length,
+    gllp_key_rate,
+    hoeffding_delta,
+    key_rate_vs_distance,
+    lim_gamma,
+    max_distance_km,
+    overall_transmittance,
+    photon_number_yield,
+    single_photon_error_rate,
+    single_photon_yield,
+    tau_n,
+)
 from .source import (
     DecoyIntensities,
     IntensityClass,
@@ -66,40 +97,65 @@ from .source import (
 )
 
 __all__ = [
+    "BB84_SIFTING_FACTOR",
     "BELL_CORRELATION_SIGNS",
     "DARK_COUNT_ERROR",
     "DEFAULT_ATTENUATION_DB_PER_KM",
     "FIBRE_DELAY_S_PER_KM",
     "FIBRE_GROUP_INDEX",
     "FIBRE_SPEED_KM_PER_S",
+    "GYS_PARAMETERS",
     "SPEED_OF_LIGHT_KM_PER_S",
+    "DecoyBb84Parameters",
     "DecoyIntensities",
+    "DecoyMethod",
+    "FiniteKeyInput",
+    "FiniteKeyResult",
     "HeraldingModel",
     "HeraldingScheme",
     "IntensityClass",
+    "IntensityCounts",
+    "IntensityStatistics",
     "MemoryModel",
     "MemoryParameterError",
     "PhysicsParameterError",
+    "SinglePhotonBounds",
+    "YieldModel",
     "amplitude_damping_gamma",
+    "asymptotic_key_rate",
     "average_gate_fidelity",
     "bell_diagonal_state",
     "bell_fidelity",
     "bell_projector",
     "bell_vector",
+    "binary_entropy",
     "check_coherence_times",
     "chsh_werner",
     "click_probability",
     "dead_time_throughput_factor",
+    "decoy_bounds",
     "double_click_model",
     "error_click_probability",
+    "expected_error_rate",
+    "expected_finite_key_input",
+    "expected_gain",
+    "expected_intensity_statistics",
     "fidelity_from_correlations",
+    "finite_key_length",
     "gate_depolarizing_probability",
+    "gllp_key_rate",
+    "hoeffding_delta",
+    "key_rate_vs_distance",
+    "lim_gamma",
     "loss_db",
+    "max_distance_km",
     "memory_decay_kraus",
     "multi_photon_probability",
     "n_photon_yield",
+    "overall_transmittance",
     "pauli_correlations",
     "photon_number_pmf",
+    "photon_number_yield",
     "propagation_delay_s",
     "pure_dephasing_probability",
     "quantum_bit_error_rate",
@@ -109,6 +165,9 @@ __all__ = [
     "sample_photon_numbers",
     "single_click_model",
     "single_click_state",
+    "single_photon_error_rate",
+    "single_photon_yield",
+    "tau_n",
     "transmittance",
     "werner_fidelity",
     "werner_fidelity_after_dephasing",
