@@ -14,6 +14,8 @@ from .config import (
     LinkConfig,
     MemoryConfig,
     NodeConfig,
+    QkdConfig,
+    qkd_config_from_mapping,
 )
 from .core import BrokerCore, BrokerStatistics, SessionState
 
@@ -27,5 +29,7 @@ __all__ = [
     "LinkConfig",
     "MemoryConfig",
     "NodeConfig",
+    "QkdConfig",
     "SessionState",
+    "qkd_config_from_mapping",
 ]

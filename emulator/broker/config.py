@@ -11,6 +11,10 @@ these records.
 Everything is a frozen, slotted dataclass; `__post_init__` checks the invariants the
 core relies on (unique node names, links between known, distinct nodes, physically
 possible T1/T2, probabilities in range) and raises `ConfigError`.
+
+A link may carry a QKD optical layer (`QkdConfig`: the `OpticalLinkConfig` of
+emulator.broker.optics plus which end transmits). It is read from the link's `qkd`
+mapping by `qkd_config_from_mapping`, which `from_scenario` calls when a link has one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from emulator.physics import (
     DEFAULT_ATTENUATION_DB_PER_KM,
+    DecoyIntensities,
     HeraldingModel,
     HeraldingScheme,
     PhysicsParameterError,
@@ -33,6 +38,8 @@ from emulator.physics import (
 from emulator.state import MAX_REGISTER_QUBITS_LIMIT
 from emulator.wire import DEFAULT_MAX_FRAME_BYTES
 
+from .optics import DEFAULT_MAX_DETECTIONS, OpticalLinkConfig, OpticalLinkError
+
 __all__ = [
     "BrokerConfig",
     "BrokerLimits",
@@ -41,6 +48,8 @@ __all__ = [
     "LinkConfig",
     "MemoryConfig",
     "NodeConfig",
+    "QkdConfig",
+    "qkd_config_from_mapping",
 ]
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
@@ -136,8 +145,100 @@ class EntanglementConfig:
 
 
 @_frozen
+class QkdConfig:
+    """The QKD optical layer of a link: who transmits (Alice) and the optics (DESIGN §7 step 1).
+
+    The receiver (Bob) is the other end. `optics.length_km` must be the link's length.
+    """
+
+    transmitter: str
+    optics: OpticalLinkConfig
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optics, OpticalLinkConfig):
+            raise ConfigError(f"qkd optics must be an OpticalLinkConfig, got {type(self.optics).__name__}")
+
+
+#: Keys of a link's `qkd` mapping besides the OpticalLinkConfig fields. `length_km`
+#: comes from the link itself; `attenuation_db_per_km` defaults to the link's.
+_QKD_EXTRA_KEYS = frozenset({"transmitter"})
+_QKD_FIBRE_KEYS = frozenset({"length_km"})
+
+
+def _qkd_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"qkd.{key} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _qkd_triple(key: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, Mapping):
+        names = ("signal", "decoy", "vacuum")
+        if set(value) != set(names):
+            raise ConfigError(f"qkd.{key} must have exactly the keys signal, decoy, vacuum")
+        value = [value[n] for n in names]
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"qkd.{key} must be three numbers (signal, decoy, vacuum)")
+    items = list(value)
+    if len(items) != 3:
+        raise ConfigError(f"qkd.{key} must be three numbers (signal, decoy, vacuum), got {len(items)}")
+    a, b, c = (_qkd_number(f"{key}[{i}]", v) for i, v in enumerate(items))
+    return (a, b, c)
+
+
+def qkd_config_from_mapping(
+    raw: Mapping[str, Any],
+    *,
+    endpoints: tuple[str, str],
+    length_km: float,
+    attenuation_db_per_km: float = DEFAULT_ATTENUATION_DB_PER_KM,
+) -> QkdConfig:
+    """A link's `qkd` mapping -> QkdConfig (ConfigError naming the field on bad input).
+
+    Keys: the field names of OpticalLinkConfig except `length_km` (the link's), plus
+    `transmitter` (default: the first endpoint). `intensities` and
+    `class_probabilities` are (signal, decoy, vacuum) triples or maps with those keys.
+
+    The pydantic scenario schema does not know `qkd` yet (a later change adds it);
+    until then only configurations built from a plain dict (and tests) use this.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"qkd must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(OpticalLinkConfig)} - _QKD_FIBRE_KEYS
+    for key in raw:
+        if not isinstance(key, str) or (key not in known and key not in _QKD_EXTRA_KEYS):
+            hint = " (length_km is the link's)" if key in _QKD_FIBRE_KEYS else ""
+            raise ConfigError(f"qkd.{str(key)[:64]}: unknown field{hint}")
+    transmitter = raw.get("transmitter", endpoints[0])
+    if transmitter not in endpoints:
+        raise ConfigError(f"qkd.transmitter must be one of {list(endpoints)}, got {str(transmitter)[:64]!r}")
+    kwargs: dict[str, Any] = {"length_km": float(length_km), "attenuation_db_per_km": float(attenuation_db_per_km)}
+    for key, value in raw.items():
+        if key == "transmitter":
+            continue
+        if key == "intensities":
+            triple = _qkd_triple(key, value)
+            try:
+                kwargs[key] = DecoyIntensities(*triple)
+            except (PhysicsParameterError, ValueError) as exc:
+                raise ConfigError(f"qkd.intensities: {exc}") from None
+        elif key == "class_probabilities":
+            kwargs[key] = _qkd_triple(key, value)
+        elif key == "bob_basis_z_probability" and value is None:
+            kwargs[key] = None
+        else:
+            kwargs[key] = _qkd_number(key, value)
+    try:
+        optics = OpticalLinkConfig(**kwargs)
+    except (OpticalLinkError, PhysicsParameterError, ValueError, TypeError) as exc:
+        raise ConfigError(f"qkd: {exc}") from None
+    return QkdConfig(transmitter=str(transmitter), optics=optics)
+
+
+@_frozen
 class LinkConfig:
-    """A fibre between two nodes; `entanglement` None means no heralded entanglement."""
+    """A fibre between two nodes; `entanglement` None means no heralded entanglement,
+    `qkd` None no QKD optical layer."""
 
     endpoints: tuple[str, str]
     length_km: float
@@ -145,6 +246,7 @@ class LinkConfig:
     jitter_s: float = 0.0
     udp_loss: float = 0.0
     entanglement: EntanglementConfig | None = None
+    qkd: QkdConfig | None = None
 
     def __post_init__(self) -> None:
         if len(self.endpoints) != 2 or self.endpoints[0] == self.endpoints[1]:
@@ -161,6 +263,19 @@ class LinkConfig:
                 self.entanglement.model(self.length_km, self.attenuation_db_per_km)
             except PhysicsParameterError as exc:
                 raise ConfigError(f"link {self.endpoints!r}: {exc}") from None
+        if self.qkd is not None:
+            if self.qkd.transmitter not in self.endpoints:
+                raise ConfigError(f"link {self.endpoints!r}: qkd.transmitter {self.qkd.transmitter!r} is not an end")
+            if self.qkd.optics.length_km != self.length_km:
+                raise ConfigError(f"link {self.endpoints!r}: qkd optics length_km differs from the link's")
+
+    @property
+    def qkd_receiver(self) -> str | None:
+        """The end that receives the QKD pulses (None without QKD)."""
+        if self.qkd is None:
+            return None
+        a, b = self.endpoints
+        return b if self.qkd.transmitter == a else a
 
     @property
     def key(self) -> tuple[str, str]:
@@ -180,6 +295,7 @@ class BrokerLimits:
     max_pairs_per_delivery: int = 65_536  # pairs in one epr_delivered (~1.6 MiB); larger batches split
     max_ops_per_circuit: int = 10_000
     max_output_buffer_bytes: int = 64 * 1024 * 1024  # unread output before a session is dropped
+    max_qkd_detections_per_batch: int = DEFAULT_MAX_DETECTIONS  # one qkd_detections (also capped by the frame)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -198,6 +314,7 @@ class BrokerConfig:
     seed: int = 0
     time_scale: float = 1.0  # wall seconds per emulated second (DESIGN §3)
     limits: BrokerLimits = BrokerLimits()
+    qkd_slice_s: float = 0.01  # emulated time covered by one qkd_detections batch (at most)
 
     def __post_init__(self) -> None:
         names = [n.name for n in self.nodes]
@@ -216,6 +333,8 @@ class BrokerConfig:
             raise ConfigError(f"time_scale must be finite and > 0, got {self.time_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not (self.qkd_slice_s > 0.0 and math.isfinite(self.qkd_slice_s)):
+            raise ConfigError(f"qkd_slice_s must be finite and > 0, got {self.qkd_slice_s!r}")
 
     # ------------------------------------------------------------------ lookups
 
@@ -295,6 +414,17 @@ def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
                 bright_state_alpha=0.1 if alpha is None else float(alpha),
             )
         a, b = link.endpoints
+        qkd_raw = getattr(link, "qkd", None)  # not in the pydantic schema yet (see qkd_config_from_mapping)
+        if qkd_raw is not None and hasattr(qkd_raw, "model_dump"):
+            qkd_raw = qkd_raw.model_dump(exclude_none=True)
+        qkd_cfg = None
+        if qkd_raw is not None:
+            qkd_cfg = qkd_config_from_mapping(
+                qkd_raw,
+                endpoints=(str(a), str(b)),
+                length_km=float(link.length_km),
+                attenuation_db_per_km=float(link.attenuation_db_per_km),
+            )
         links.append(
             LinkConfig(
                 endpoints=(str(a), str(b)),
@@ -303,6 +433,7 @@ def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
                 jitter_s=float(link.classical.jitter_s),
                 udp_loss=float(link.classical.udp_loss),
                 entanglement=ent_cfg,
+                qkd=qkd_cfg,
             )
         )
     return BrokerConfig(

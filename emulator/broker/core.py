@@ -85,6 +85,20 @@ Physics
   end at time t (free, measure+free, send_qubit, a disconnect), every paused request
   that now has room at both ends restarts its attempts at t — i.e. a node with full
   memory makes no attempts, as a real node without a free communication qubit.
+* QKD optical layer (DESIGN §7 step 1; emulator.broker.optics): a link with a
+  `QkdConfig` holds an `OpticalLink` keyed by `link_keys(seed, transmitter, receiver)`;
+  `welcome` gives the transmitter its `alice_key` and both ends the public parameters.
+  Consent as for EPR: the receiver sends `qkd_listen`, then the transmitter
+  `qkd_start` / `qkd_stop`. Pulses are numbered from 0 over the whole run and emitted
+  only while running: in a window started at emulated time t_w with first pulse p_w,
+  pulse p leaves at t_w + (p - p_w)/pulse_rate_hz, so the pulses sent before t are
+  [0, p_w + ceil((t - t_w) R)); stopping freezes the count (no index is ever reused).
+  A QKD timer fires at each slice boundary (every `qkd_slice_s`, computed in whole
+  pulses) and pushes the receiver one `qkd_detections` per slice (split further at
+  `max_qkd_detections_per_batch`, capped to fit a frame) and the transmitter one
+  `qkd_emitted`; like every timer it also runs before any input that comes after it.
+  `qkd_stop`, a withdrawn consent, a departing end and an admin `qkd_eve` first flush
+  the partial slice up to now, so a switch applies exactly from the next pulse.
 """
 
 from __future__ import annotations
@@ -103,7 +117,16 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from emulator.kernels import GATES, Backend, Basis, derive_key, kraus_depolarizing, rotation
+from emulator.kernels import (
+    GATES,
+    MAX_PULSE_INDEX,
+    Backend,
+    Basis,
+    KernelError,
+    derive_key,
+    kraus_depolarizing,
+    rotation,
+)
 from emulator.physics import (
     HeraldingModel,
     memory_decay_kraus,
@@ -148,6 +171,14 @@ from emulator.wire import (
     PeerUp,
     Ping,
     Pong,
+    QkdDetections,
+    QkdEmitted,
+    QkdEve,
+    QkdLinkInfo,
+    QkdListen,
+    QkdStart,
+    QkdStop,
+    QkdStopped,
     QubitTransfer,
     RemoteProtocolError,
     SendQubit,
@@ -162,6 +193,7 @@ from emulator.wire import (
 )
 
 from .config import BrokerConfig, LinkConfig, NodeConfig
+from .optics import Eavesdropper, OpticalLink, link_keys
 
 __all__ = ["BrokerCore", "BrokerStatistics", "SessionState", "node_seed"]
 
@@ -170,6 +202,8 @@ log = logging.getLogger("emulator.broker")
 _INT63_MASK = (1 << 63) - 1
 _UNITARY_ATOL = 1e-9  # |U U^dagger - I| tolerated for a `unitary` matrix (float64 round-off)
 _ROTATION_CACHE_SIZE = 1024  # distinct (gate, angle) matrices kept; apps reuse a few angles
+_QKD_BYTES_PER_DETECTION = 11  # pulse u64 + basis, outcome, double_click u8
+_QKD_FRAME_HEADROOM = 4096  # envelope and small fields of a qkd_detections frame
 
 
 class SessionState(enum.Enum):
@@ -199,6 +233,8 @@ class BrokerStatistics:
     qubits_lost: int
     epr_requests_open: int
     registry: Mapping[str, Any]
+    qkd_links: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # per QKD link (sorted endpoints): roles, state, OpticalLinkStatistics, Eve's switches (counts only)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain msgpack-able dict (the `stats` message body); links as "a|b" keys."""
@@ -219,6 +255,7 @@ class BrokerStatistics:
             "qubits_lost": self.qubits_lost,
             "epr_requests_open": self.epr_requests_open,
             "registry": dict(self.registry),
+            "qkd": {f"{a}|{b}": dict(v) for (a, b), v in self.qkd_links.items()},
         }
 
 
@@ -262,6 +299,39 @@ class _Qubit:
     stamp_s: float  # emulated time the state was last brought up to date
 
 
+@dataclasses.dataclass(slots=True, eq=False, repr=False)
+class _Qkd:
+    """A link's QKD optical layer and its run state (see the module docstring)."""
+
+    key: tuple[str, str]  # the link key (sorted endpoints)
+    transmitter: str
+    receiver: str
+    optical: OpticalLink
+    info: QkdLinkInfo  # public parameters, without alice_key
+    alice_key: bytes  # 8 bytes little-endian; only in the transmitter's welcome
+    slice_pulses: int
+    listening: bool = False
+    running: bool = False
+    window_start_s: float = 0.0
+    window_first_pulse: int = 0
+    generation: int = 0  # bumps invalidate queued slice timers
+
+    @property
+    def rate_hz(self) -> float:
+        return self.optical.config.pulse_rate_hz
+
+    def pulses_before(self, now: float) -> int:
+        """End of the pulses emitted before `now` (never below what is already decided)."""
+        if not self.running:
+            return self.optical.next_pulse
+        elapsed = max(0.0, now - self.window_start_s)
+        end = min(self.window_first_pulse + math.ceil(elapsed * self.rate_hz), MAX_PULSE_INDEX)
+        return max(end, self.optical.next_pulse)
+
+    def time_of(self, pulse: int) -> float:
+        return self.window_start_s + (pulse - self.window_first_pulse) / self.rate_hz
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class _Link:
     config: LinkConfig
@@ -271,6 +341,7 @@ class _Link:
     epr_rng: np.random.Generator
     model: HeraldingModel | None
     pairs_delivered: int = 0
+    qkd: _Qkd | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -302,6 +373,7 @@ class _Transfer:
 class _Kind(enum.IntEnum):
     HERALD = 0
     ARRIVAL = 1
+    QKD_SLICE = 2
 
 
 def node_seed(run_seed: int, node: str) -> int:
@@ -382,7 +454,16 @@ class BrokerCore:
                 qubit_rng=np.random.default_rng(derive_key(seed, "link", a, b, "qubit")),
                 epr_rng=np.random.default_rng(derive_key(seed, "link", a, b, "epr")),
                 model=None if ent is None else ent.model(lc.length_km, lc.attenuation_db_per_km),
+                qkd=self._make_qkd(lc, backend),
             )
+        self._qkd_batch = max(
+            1,
+            min(
+                config.limits.max_qkd_detections_per_batch,
+                (config.limits.max_frame_bytes - _QKD_FRAME_HEADROOM) // _QKD_BYTES_PER_DETECTION,
+                self._limits.max_array_items,
+            ),
+        )
 
         self._sessions: dict[int, _Session] = {}
         self._session_ids = itertools.count(1)
@@ -419,11 +500,15 @@ class BrokerCore:
             EprListen: self._on_epr_listen,
             EprRequest: self._on_epr_request,
             EprCancel: self._on_epr_cancel,
+            QkdListen: self._on_qkd_listen,
+            QkdStart: self._on_qkd_start,
+            QkdStop: self._on_qkd_stop,
         }
         self._admin_handlers: dict[type[Message], Callable[[_Session, Envelope, float], None]] = {
             Status: self._on_status,
             GetStats: self._on_get_stats,
             Shutdown: self._on_shutdown,
+            QkdEve: self._on_qkd_eve,
         }
 
     # ================================================================== host interface
@@ -517,6 +602,7 @@ class BrokerCore:
             qubits_lost=self._qubits_lost,
             epr_requests_open=len(self._requests),
             registry=dataclasses.asdict(self.registry.statistics()),
+            qkd_links={k: self._qkd_stats(link.qkd) for k, link in self._links.items() if link.qkd is not None},
         )
 
     # ------------------------------------------------------------------ introspection helpers
@@ -548,6 +634,8 @@ class BrokerCore:
             try:
                 if kind is _Kind.HERALD:
                     self._on_herald(payload, t)
+                elif kind is _Kind.QKD_SLICE:
+                    self._on_qkd_slice(payload, t)
                 else:
                     self._on_arrival(payload, t)
             except Exception:  # a bug must not stop every other event: log, count, go on
@@ -563,6 +651,10 @@ class BrokerCore:
             rid, generation = entry[3]
             req = self._requests.get(rid)
             return req is not None and req.generation == generation
+        if entry[2] is _Kind.QKD_SLICE:
+            key, generation, _ = entry[3]
+            q = self._links[key].qkd
+            return q is not None and q.running and q.generation == generation
         return True
 
     def _schedule(self, t: float, kind: _Kind, payload: Any) -> None:
@@ -702,6 +794,7 @@ class BrokerCore:
                     jitter_s=lc.jitter_s,
                     udp_loss=lc.udp_loss,
                     entanglement=lc.entanglement is not None,
+                    qkd=self._qkd_info_for(self._links[self._key(node.name, peer)].qkd, node.name),
                 )
             )
         self._send(
@@ -749,6 +842,14 @@ class BrokerCore:
         for req in [r for r in self._requests.values() if node.name in r.ends()]:
             other = req.peer if req.initiator == node.name else req.initiator
             self._end_request(req, "peer_gone", now, notify=(other,))
+        for link in self._links.values():
+            q = link.qkd
+            if q is None or node.name not in (q.transmitter, q.receiver):
+                continue
+            other = q.receiver if node.name == q.transmitter else q.transmitter
+            self._qkd_stop(q, "peer_gone", now, notify=(other,))
+            if node.name == q.receiver:
+                q.listening = False
         for peer_name in self.config.neighbours(node.name):
             self._send_to_node(peer_name, PeerDown(node=node.name))
 
@@ -1167,3 +1268,205 @@ class BrokerCore:
             raise _fail(ErrorCode.BAD_FIELD, f"field 'request': no open request {msg.request} of {node.name!r}")
         self._send(s, Ok(), env.id)
         self._end_request(req, "cancelled", now, notify=req.ends())
+
+    # ================================================================== QKD optical layer
+
+    def _make_qkd(self, lc: LinkConfig, backend: Backend) -> _Qkd | None:
+        qc = lc.qkd
+        if qc is None:
+            return None
+        transmitter, receiver = qc.transmitter, lc.qkd_receiver
+        assert receiver is not None
+        alice_key, channel_key = link_keys(self.config.seed, transmitter, receiver)
+        optics = qc.optics
+        thresholds = optics.choice_thresholds()
+        i, p = optics.intensities, optics.class_probabilities
+        bob_z = optics.basis_z_probability if optics.bob_basis_z_probability is None else optics.bob_basis_z_probability
+        info = QkdLinkInfo(
+            transmitter=transmitter,
+            receiver=receiver,
+            pulse_rate_hz=optics.pulse_rate_hz,
+            mu_signal=i.signal,
+            mu_decoy=i.decoy,
+            mu_vacuum=i.vacuum,
+            p_signal=float(p[0]),
+            p_decoy=float(p[1]),
+            p_vacuum=float(p[2]),
+            basis_z_probability=optics.basis_z_probability,
+            bob_basis_z_probability=bob_z,
+            threshold_signal=thresholds.signal,
+            threshold_signal_or_decoy=thresholds.signal_or_decoy,
+            threshold_basis_z=thresholds.basis_z,
+            attenuation_db_per_km=optics.attenuation_db_per_km,
+            receiver_efficiency=optics.receiver_efficiency,
+            dark_count_probability=optics.dark_count_probability,
+            misalignment_error=optics.misalignment_error,
+            dead_time_s=optics.dead_time_s,
+        )
+        return _Qkd(
+            key=lc.key,
+            transmitter=transmitter,
+            receiver=receiver,
+            optical=OpticalLink(optics, alice_key=alice_key, channel_key=channel_key, backend=backend),
+            info=info,
+            alice_key=alice_key.to_bytes(8, "little"),
+            slice_pulses=max(1, round(self.config.qkd_slice_s * optics.pulse_rate_hz)),
+        )
+
+    @staticmethod
+    def _qkd_info_for(q: _Qkd | None, name: str) -> QkdLinkInfo | None:
+        """The link's public QKD parameters; the transmitter's copy adds alice_key."""
+        if q is None:
+            return None
+        if name == q.transmitter:
+            return dataclasses.replace(q.info, alice_key=q.alice_key)
+        return q.info
+
+    def _qkd_link_to(self, node: _Node, peer: str) -> _Qkd:
+        link = self._link_to(node, peer)
+        if link.qkd is None:
+            raise _fail(ErrorCode.REFUSED, f"no QKD on the link between {node.name!r} and {peer!r}")
+        return link.qkd
+
+    def _on_qkd_listen(self, s: _Session, node: _Node, env: Envelope, now: float) -> None:
+        msg: QkdListen = env.message  # type: ignore[assignment]
+        q = self._qkd_link_to(node, msg.peer)
+        if node.name != q.receiver:
+            raise _fail(ErrorCode.REFUSED, f"{node.name!r} transmits on this QKD link; only {q.receiver!r} listens")
+        q.listening = msg.accept
+        self._send(s, Ok(), env.id)
+        if not msg.accept:
+            self._qkd_stop(q, "withdrawn", now, notify=(q.transmitter, q.receiver))
+
+    def _on_qkd_start(self, s: _Session, node: _Node, env: Envelope, now: float) -> None:
+        msg: QkdStart = env.message  # type: ignore[assignment]
+        q = self._qkd_link_to(node, msg.peer)
+        if node.name != q.transmitter:
+            raise _fail(ErrorCode.REFUSED, f"{node.name!r} receives on this QKD link; only {q.transmitter!r} emits")
+        if not self._is_up(self._nodes[q.receiver]):
+            raise _fail(ErrorCode.REFUSED, f"{q.receiver!r} is not registered")
+        if not q.listening:
+            raise _fail(ErrorCode.REFUSED, f"{q.receiver!r} is not listening for QKD pulses from {node.name!r}")
+        if q.optical.next_pulse >= MAX_PULSE_INDEX:
+            raise _fail(ErrorCode.NO_RESOURCE, "the link has used every pulse index (2**53)")
+        self._send(s, Ok(), env.id)
+        if q.running:
+            return  # already emitting: starting again changes nothing
+        q.running = True
+        q.generation += 1
+        q.window_start_s = now
+        q.window_first_pulse = q.optical.next_pulse
+        log.info("qkd %s -> %s: emitting from pulse %d", q.transmitter, q.receiver, q.window_first_pulse)
+        self._qkd_schedule(q)
+
+    def _on_qkd_stop(self, s: _Session, node: _Node, env: Envelope, now: float) -> None:
+        msg: QkdStop = env.message  # type: ignore[assignment]
+        q = self._qkd_link_to(node, msg.peer)
+        if node.name != q.transmitter:
+            raise _fail(ErrorCode.REFUSED, f"{node.name!r} receives on this QKD link; only {q.transmitter!r} stops it")
+        self._send(s, Ok(), env.id)
+        self._qkd_stop(q, "stopped", now, notify=(q.transmitter, q.receiver))
+
+    def _qkd_stop(self, q: _Qkd, reason: str, now: float, *, notify: tuple[str, ...]) -> None:
+        """Emit up to `now`, stop, and tell `notify` (nothing if not running)."""
+        if not q.running:
+            return
+        self._qkd_emit(q, q.pulses_before(now), now)
+        q.running = False
+        q.generation += 1
+        log.info("qkd %s -> %s: stopped at pulse %d (%s)", q.transmitter, q.receiver, q.optical.next_pulse, reason)
+        for name in notify:
+            other = q.receiver if name == q.transmitter else q.transmitter
+            self._send_to_node(
+                name,
+                QkdStopped(
+                    transmitter=q.transmitter, peer=other, end_pulse=q.optical.next_pulse, reason=reason, now_s=now
+                ),
+            )
+
+    def _qkd_schedule(self, q: _Qkd) -> None:
+        boundary = min(q.optical.next_pulse + q.slice_pulses, MAX_PULSE_INDEX)
+        if boundary <= q.optical.next_pulse:
+            return  # every pulse index used: nothing more to emit
+        self._schedule(q.time_of(boundary), _Kind.QKD_SLICE, (q.key, q.generation, boundary))
+
+    def _on_qkd_slice(self, payload: tuple[tuple[str, str], int, int], t: float) -> None:
+        key, generation, boundary = payload
+        q = self._links[key].qkd
+        if q is None or not q.running or q.generation != generation:
+            return
+        self._qkd_emit(q, boundary, t)
+        self._qkd_schedule(q)
+
+    def _qkd_emit(self, q: _Qkd, end: int, now: float) -> None:
+        """Decide pulses [next_pulse, end) in slices; push detections to the receiver and
+        progress to the transmitter."""
+        optical = q.optical
+        if end <= optical.next_pulse:
+            return
+        while optical.next_pulse < end:
+            target = min(end, optical.next_pulse + q.slice_pulses)
+            while True:
+                batch = optical.advance_to_pulse(target, max_detections=self._qkd_batch)
+                rec = batch.for_receiver()
+                self._send_to_node(
+                    q.receiver,
+                    QkdDetections(
+                        peer=q.transmitter,
+                        first_pulse=batch.first_pulse,
+                        end_pulse=batch.end_pulse,
+                        pulse=rec.pulse,
+                        basis=rec.basis,
+                        outcome=rec.outcome,
+                        double_click=rec.double_click,
+                    ),
+                )
+                if batch.complete:
+                    break
+        self._send_to_node(q.transmitter, QkdEmitted(peer=q.receiver, end_pulse=optical.next_pulse, now_s=now))
+
+    def _on_qkd_eve(self, s: _Session, env: Envelope, now: float) -> None:
+        msg: QkdEve = env.message  # type: ignore[assignment]
+        if len(msg.endpoints) != 2:
+            raise _fail(ErrorCode.BAD_FIELD, "field 'endpoints': two node names")
+        a, b = msg.endpoints
+        for name in (a, b):
+            if name not in self._nodes:
+                raise _fail(ErrorCode.UNKNOWN_NODE, f"node {name[:64]!r} is not in the scenario")
+        link = self._links.get(self._key(a, b))
+        if link is None:
+            raise _fail(ErrorCode.NO_LINK, f"no link between {a!r} and {b!r}")
+        q = link.qkd
+        if q is None:
+            raise _fail(ErrorCode.REFUSED, f"no QKD on the link between {a!r} and {b!r}")
+        try:
+            eve = Eavesdropper(
+                intercept_fraction=msg.intercept_fraction,
+                resend_photons=msg.resend_photons,
+                pns=msg.pns,
+                pns_multi_forward=msg.pns_multi_forward,
+                pns_single_block=msg.pns_single_block,
+            )
+        except (KernelError, ValueError) as exc:
+            raise _fail(ErrorCode.BAD_FIELD, f"qkd_eve: {exc}") from None
+        if q.running:
+            self._qkd_emit(q, q.pulses_before(now), now)  # the switch applies from the next pulse
+        q.optical.set_eavesdropper(eve)
+        log.info("qkd %s -> %s: eavesdropper %s from pulse %d", q.transmitter, q.receiver, eve, q.optical.next_pulse)
+        self._send(s, Ok(), env.id)
+
+    @staticmethod
+    def _qkd_stats(q: _Qkd) -> dict[str, Any]:
+        st = q.optical.statistics()
+        return {
+            "transmitter": q.transmitter,
+            "receiver": q.receiver,
+            "listening": q.listening,
+            "running": q.running,
+            "pulses": st.pulses,
+            "detections": st.detections,
+            "double_clicks": st.double_clicks,
+            "detections_per_class": list(st.detections_per_class),
+            "eve": dataclasses.asdict(st.eve),
+            "eavesdropper": dataclasses.asdict(q.optical.eavesdropper),
+        }

@@ -7,10 +7,14 @@ registration. The supported field types are deliberately few:
 
     int, float, bool, str, bytes, X | None, list[T], tuple[str, int] (an address),
     dict[str, Any] (an opaque map, limited in size), a nested registered `Struct`,
-    and numpy arrays (`I64Array`, `U8Array`, `F64Array`) carried as msgpack `bin`
+    and numpy arrays (`I64Array`, `U64Array`, `U8Array`, `F64Array`) carried as msgpack `bin`
     holding the little-endian packed array (DESIGN §4: bulk data never as lists).
 
 Envelope: `{"v": 1, "t": <type>, "id": <int>, "re"?: <int>, ...fields}`.
+
+A field declared with `omit_if_none()` (an optional field added to version 1 after its
+first text) is left out of the map when it is None, so a receiver written before the
+field existed, which refuses unknown keys, still accepts every frame that does not use it.
 
 Each field type has a pair of functions. The encoder *normalises* values that have one
 obvious wire form (numpy scalars, tuples, sequences for packed arrays, safe dtype casts)
@@ -50,11 +54,13 @@ __all__ = [
     "Struct",
     "Envelope",
     "I64Array",
+    "U64Array",
     "U8Array",
     "F64Array",
     "Address",
     "register",
     "message_types",
+    "omit_if_none",
     "encode",
     "encode_framed",
     "decode",
@@ -99,9 +105,18 @@ class _ArrayKind:
 
 
 I64Array = Annotated[np.ndarray, _ArrayKind("<i8")]
+U64Array = Annotated[np.ndarray, _ArrayKind("<u8")]
 U8Array = Annotated[np.ndarray, _ArrayKind("|u1")]
 F64Array = Annotated[np.ndarray, _ArrayKind("<f8")]
 Address = tuple[str, int]  # (host, port), a list of two items on the wire
+
+
+_OMIT_IF_NONE = "qnetem.wire.omit_if_none"
+
+
+def omit_if_none() -> Any:
+    """dataclasses.field for an optional field that is not sent when None (default None)."""
+    return dataclasses.field(default=None, metadata={_OMIT_IF_NONE: True})
 
 
 class Struct:
@@ -139,6 +154,7 @@ class _Schema:
     cls: type
     fields: tuple[tuple[str, bool, _Decoder, _Encoder], ...]  # name, required, decode, encode
     names: frozenset[str]  # the field names, for the unknown-field check
+    omit_if_none: frozenset[str] = frozenset()  # fields left out of the map when None
 
 
 _REGISTRY: dict[str, _Schema] = {}
@@ -467,7 +483,8 @@ def _build_schema(cls: type) -> _Schema:
         required = fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING
         dec, enc = _converter(hints[fld.name])
         fields.append((fld.name, required, dec, enc))
-    return _Schema(cls, tuple(fields), frozenset(name for name, *_ in fields))
+    omit = frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get(_OMIT_IF_NONE))
+    return _Schema(cls, tuple(fields), frozenset(name for name, *_ in fields), omit)
 
 
 def register(cls: _M) -> _M:
@@ -501,9 +518,13 @@ def _decode_fields(
 
 def _encode_fields(schema: _Schema, obj: Any, prefix: str, lim: Limits) -> dict[str, Any]:
     out = {}
+    omit = schema.omit_if_none
     for name, _, _, enc in schema.fields:
+        value = getattr(obj, name)
+        if omit and value is None and name in omit:
+            continue
         try:
-            out[name] = enc(getattr(obj, name), prefix + name, lim)
+            out[name] = enc(value, prefix + name, lim)
         except (TypeError, ValueError, OverflowError) as exc:  # numpy conversions of odd objects
             raise _bad_local(prefix + name, f"cannot encode ({type(exc).__name__})") from None
     return out

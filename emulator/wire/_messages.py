@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ._codec import Address, F64Array, I64Array, Message, Struct, U8Array, register
+from ._codec import Address, F64Array, I64Array, Message, Struct, U8Array, U64Array, omit_if_none, register
 from ._errors import ErrorCode
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +73,37 @@ class Bye(Message):
 
 
 @_frozen
+class QkdLinkInfo(Struct):
+    """The public parameters of a link's QKD optical layer (docs/protocol.md §4.7).
+
+    Everything Alice and Bob need for sifting and estimation; `alice_key` (8 bytes, the
+    little-endian unsigned 64-bit key of Alice's choices) only in the transmitter's copy.
+    The thresholds are those of emulator.kernels.ChoiceThresholds, given exactly.
+    """
+
+    transmitter: str
+    receiver: str
+    pulse_rate_hz: float
+    mu_signal: float
+    mu_decoy: float
+    mu_vacuum: float
+    p_signal: float
+    p_decoy: float
+    p_vacuum: float
+    basis_z_probability: float  # Alice's P(Z)
+    bob_basis_z_probability: float  # Bob's P(Z)
+    threshold_signal: int
+    threshold_signal_or_decoy: int
+    threshold_basis_z: int
+    attenuation_db_per_km: float
+    receiver_efficiency: float
+    dark_count_probability: float
+    misalignment_error: float
+    dead_time_s: float
+    alice_key: bytes | None = dataclasses.field(default=None, repr=False)  # secret
+
+
+@_frozen
 class LinkInfo(Struct):
     """One link of the registering node, as the broker tells it in `welcome`."""
 
@@ -82,6 +113,7 @@ class LinkInfo(Struct):
     jitter_s: float  # classical link shaper: uniform jitter added to the fibre delay
     udp_loss: float  # classical link shaper: probability a UDP datagram is dropped
     entanglement: bool  # heralded entanglement is configured on this link
+    qkd: QkdLinkInfo | None = omit_if_none()  # the link's QKD optical layer; not sent when absent
 
 
 @register
@@ -310,6 +342,76 @@ class EprCancel(Message):
     request: int
 
 
+# --------------------------------------------------------------------------- node ⇄ broker: QKD optical layer
+
+
+@register
+@_frozen
+class QkdListen(Message):
+    """Receiver: consent (or withdraw consent) to QKD pulses from `peer`. Reply: `ok`."""
+
+    TYPE = "qkd_listen"
+    peer: str
+    accept: bool = True
+
+
+@register
+@_frozen
+class QkdStart(Message):
+    """Transmitter: start emitting pulses to `peer` (who must listen). Reply: `ok`."""
+
+    TYPE = "qkd_start"
+    peer: str
+
+
+@register
+@_frozen
+class QkdStop(Message):
+    """Transmitter: stop emitting to `peer`. Reply: `ok`, then `qkd_stopped` to both ends."""
+
+    TYPE = "qkd_stop"
+    peer: str
+
+
+@register
+@_frozen
+class QkdDetections(Message):
+    """Event to the receiver: its detections among pulses [first_pulse, end_pulse), in pulse order."""
+
+    TYPE = "qkd_detections"
+    peer: str  # the transmitter
+    first_pulse: int
+    end_pulse: int
+    pulse: U64Array
+    basis: U8Array  # 0 Z, 1 X (emulator.kernels.Basis)
+    outcome: U8Array
+    double_click: U8Array  # 1: both detectors fired (outcome is a random bit)
+
+
+@register
+@_frozen
+class QkdEmitted(Message):
+    """Event to the transmitter: pulses [0, end_pulse) of the link have been emitted."""
+
+    TYPE = "qkd_emitted"
+    peer: str  # the receiver
+    end_pulse: int
+    now_s: float
+
+
+@register
+@_frozen
+class QkdStopped(Message):
+    """Event to both ends: emission stopped after pulse end_pulse - 1."""
+
+    TYPE = "qkd_stopped"
+    transmitter: str
+    peer: str  # the other end, from the receiver's point of view
+    end_pulse: int
+    reason: str  # "stopped" | "withdrawn" | "peer_gone"
+    now_s: float
+
+
 @register
 @_frozen
 class Clock(Message):
@@ -432,6 +534,23 @@ class LinkFault(Message):
     TYPE = "link_fault"
     peer: str
     cut: bool
+
+
+@register
+@_frozen
+class QkdEve(Message):
+    """Admin → broker: set the eavesdropper on the QKD link between `endpoints` (all zero: off).
+
+    Fields are those of emulator.kernels.Eavesdropper. Reply: `ok`.
+    """
+
+    TYPE = "qkd_eve"
+    endpoints: list[str]
+    intercept_fraction: float = 0.0
+    resend_photons: int = 0
+    pns: bool = False
+    pns_multi_forward: float = 1.0
+    pns_single_block: float = 0.0
 
 
 # --------------------------------------------------------------------------- node ⇄ node

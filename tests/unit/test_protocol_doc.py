@@ -53,6 +53,7 @@ from emulator.wire import (
     PeerUp,
     Struct,
     U8Array,
+    U64Array,
     Welcome,
     decode,
     encode,
@@ -191,7 +192,10 @@ def test_every_message_type_has_an_example(doc: str) -> None:
 
 def _render_type(tp: Any) -> str:
     """The notation of docs/protocol.md §3 for a field annotation."""
-    for name, alias in (("I64Array", I64Array), ("U8Array", U8Array), ("F64Array", F64Array), ("Address", Address)):
+    for name, alias in (
+        ("I64Array", I64Array), ("U64Array", U64Array), ("U8Array", U8Array), ("F64Array", F64Array),
+        ("Address", Address),
+    ):  # fmt: skip
         if tp == alias:
             return name
     origin = typing.get_origin(tp)

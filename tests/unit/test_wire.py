@@ -59,6 +59,7 @@ from emulator.wire import (
     StatusReply,
     Struct,
     U8Array,
+    U64Array,
     Unitary,
     Welcome,
     decode,
@@ -72,7 +73,9 @@ from emulator.wire import (
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "data" / "wire_vectors.json"
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 TYPES = message_types()
-ARRAY_DTYPES = {"I64Array": np.dtype("<i8"), "U8Array": np.dtype("u1"), "F64Array": np.dtype("<f8")}
+ARRAY_DTYPES = {
+    "I64Array": np.dtype("<i8"), "U64Array": np.dtype("<u8"), "U8Array": np.dtype("u1"), "F64Array": np.dtype("<f8"),
+}  # fmt: skip
 
 # ============================================================================ helpers
 
@@ -80,7 +83,10 @@ ARRAY_DTYPES = {"I64Array": np.dtype("<i8"), "U8Array": np.dtype("u1"), "F64Arra
 def _kind(tp: Any) -> str:
     """A short name for a field annotation: int, float, bool, str, bytes, I64Array, ...,
     list, address, map, struct, optional."""
-    for name, alias in (("I64Array", I64Array), ("U8Array", U8Array), ("F64Array", F64Array), ("address", Address)):
+    for name, alias in (
+        ("I64Array", I64Array), ("U64Array", U64Array), ("U8Array", U8Array), ("F64Array", F64Array),
+        ("address", Address),
+    ):  # fmt: skip
         if tp == alias:
             return name
     origin = typing.get_origin(tp)
@@ -106,6 +112,7 @@ def _sample(tp: Any, variant: str) -> Any:
         dtype = ARRAY_DTYPES[kind]
         values = {
             "I64Array": {"typical": [1, 2, 3], "extreme": [INT64_MIN, -1, 0, INT64_MAX]},
+            "U64Array": {"typical": [1, 2, 3], "extreme": [0, INT64_MAX, (1 << 64) - 1]},
             "U8Array": {"typical": [0, 1, 2], "extreme": [0, 255, 128]},
             "F64Array": {"typical": [0.25, 1.5], "extreme": [-1.7976931348623157e308, 5e-324, -0.0]},
         }[kind]
