@@ -4,6 +4,8 @@ Stages in place: sifting of the broker's detections against the transmitter's ch
 (`sifting`), decoy-state parameter estimation with abort and alarm (`estimation`),
 reconciliation (`cascade`), verification of the corrected key (`verification`), privacy
 amplification by Toeplitz hashing (`amplification`) and Wegman–Carter authentication of
-post-processing messages (`authentication`). The link session that runs them over the
-classical link, fed by the broker's `qkd_detections`, is still to be built (issue 4).
+post-processing messages (`authentication`). `session` composes them per block for one
+end of a link (authenticated envelopes, key added to a `keypool.KeyPool` that both ends
+fill identically); wiring it into the node runtime, the scenario schema and a `qkd` app
+is still to be done (issue 4).
 """
