@@ -55,6 +55,7 @@ key never appear in a repr, an event, ``statistics()`` or an exception — count
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections import deque
@@ -403,7 +404,7 @@ class _Block:
         return self.sifted.block_id
 
 
-class _End:
+class _End(abc.ABC):
     """What both ends share: authentication, the outbox, events, the pool, metrics."""
 
     _role = ""
@@ -470,11 +471,13 @@ class _End:
         return self._events.popleft() if self._events else None
 
     # -- shared steps
-    def _handle(self, msg: SessionMessage, now: float) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _handle(self, msg: SessionMessage, now: float) -> None:
+        """Act on one authenticated message of the other end."""
 
-    def _pump(self, now: float) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _pump(self, now: float) -> None:
+        """Move blocks along as far as the messages received so far allow."""
 
     def _sifted(self, sifted: SiftedBlock) -> None:
         est = estimate(sifted.counts, self._config.estimation)

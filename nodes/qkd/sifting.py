@@ -649,7 +649,34 @@ class _AwaitingErrors:
     threshold: int
 
 
-class SiftingAlice:
+class _SiftingEnd:
+    """What both ends share: the outbox, the event and block queues, the ledger."""
+
+    _outbox: list[SiftingMessage]
+    _events: deque[SiftingEvent]
+    _blocks: deque[SiftedBlock]
+    _ledger: _Ledger
+
+    def _send(self, msg: SiftingMessage) -> None:
+        self._outbox.append(msg)
+        self._ledger.sent += 1
+
+    def messages_to_send(self) -> list[SiftingMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> SiftingEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def next_block(self) -> SiftedBlock | None:
+        """The oldest completed block (secret key bits or outcomes inside), or None."""
+        return self._blocks.popleft() if self._blocks else None
+
+    def statistics(self) -> SiftingStatistics:
+        return self._ledger.statistics()
+
+
+class SiftingAlice(_SiftingEnd):
     """Alice's end: answers announcements from her choices, closes blocks, discloses.
 
     `alice_key` is the 64-bit key of her choices (secret: never in a repr); `thresholds`
@@ -803,23 +830,6 @@ class SiftingAlice:
         self._blocks.append(SiftedBlock("alice", counts, asm.pulse[asm.key_idx], asm.value[asm.key_idx]))
         self._events.append(BlockSifted(counts))
 
-    def _send(self, msg: SiftingMessage) -> None:
-        self._outbox.append(msg)
-        self._ledger.sent += 1
-
-    def messages_to_send(self) -> list[SiftingMessage]:
-        out, self._outbox = self._outbox, []
-        return out
-
-    def next_event(self) -> SiftingEvent | None:
-        return self._events.popleft() if self._events else None
-
-    def next_block(self) -> SiftedBlock | None:
-        """The oldest completed block (secret key bits inside), or None."""
-        return self._blocks.popleft() if self._blocks else None
-
-    def statistics(self) -> SiftingStatistics:
-        return self._ledger.statistics()
 
 
 # -------------------------------------------------------------------------------- Bob
@@ -833,7 +843,7 @@ class _Announced:
         self.pulses, self.bases, self.outcomes = pulses, bases, outcomes
 
 
-class SiftingBob:
+class SiftingBob(_SiftingEnd):
     """Bob's end: turns detection windows into announcements and answers the sample.
 
     `batch_detections` (<= MAX_BATCH_DETECTIONS) is the size of a full announcement; the
@@ -987,23 +997,6 @@ class SiftingBob:
         self._blocks.append(SiftedBlock("bob", counts, asm.pulse[asm.key_idx], asm.value[asm.key_idx]))
         self._events.append(BlockSifted(counts))
 
-    def _send(self, msg: SiftingMessage) -> None:
-        self._outbox.append(msg)
-        self._ledger.sent += 1
-
-    def messages_to_send(self) -> list[SiftingMessage]:
-        out, self._outbox = self._outbox, []
-        return out
-
-    def next_event(self) -> SiftingEvent | None:
-        return self._events.popleft() if self._events else None
-
-    def next_block(self) -> SiftedBlock | None:
-        """The oldest completed block (secret outcomes inside), or None."""
-        return self._blocks.popleft() if self._blocks else None
-
-    def statistics(self) -> SiftingStatistics:
-        return self._ledger.statistics()
 
 
 # -------------------------------------------------------------------- the Pair driver
