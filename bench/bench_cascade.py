@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import platform
 import sys
 import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import emit, environment_record, per_call_s  # noqa: E402
+
 import numpy as np  # noqa: E402
 
-import emulator  # noqa: E402
 from emulator.kernels import get_backend  # noqa: E402
 from nodes.qkd.cascade import (  # noqa: E402
     CascadeAlice,
@@ -54,30 +52,6 @@ from nodes.qkd.cascade import (  # noqa: E402
 
 BACKENDS = ("c", "numpy")
 VARIANTS = ("original", "opt8")
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
-def per_call_s(fn: Callable[[], object], min_loop_s: float) -> float:
-    fn()  # warm-up
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_loop_s:
-            break
-        reps = max(reps * 2, int(reps * min_loop_s / max(dt, 1e-9)))
-    best = dt
-    for _ in range(4):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / reps
 
 
 def make_frame(n: int, qber: float, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -176,17 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer QBERs and frames, shorter loops")
     args = parser.parse_args()
-    emit(
-        {
-            "bench": "environment",
-            "qnetem": emulator.__version__,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    emit(environment_record())
     bench_kernels(0.02 if args.quick else 0.1)
     qbers = [0.01, 0.05, 0.08] if args.quick else [q / 100 for q in range(1, 9)]
     bench_protocol(10_000, qbers, 5 if args.quick else 20)

@@ -21,41 +21,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import sys
-import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import emit, environment_record, per_call_s  # noqa: E402
+
 import numpy as np  # noqa: E402
 
-import emulator  # noqa: E402
 from emulator.kernels import Basis, get_backend  # noqa: E402
 
 BACKENDS = ("c", "numpy")
-
-
-def per_call_s(fn: Callable[[], object], min_loop_s: float) -> float:
-    fn()  # warm-up (first-call allocation, cffi type caches)
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_loop_s:
-            break
-        reps = max(reps * 2, int(reps * min_loop_s / max(dt, 1e-9)))
-    best = dt
-    for _ in range(4):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / reps
 
 
 def random_state(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -70,27 +47,13 @@ def random_unitary(rng: np.random.Generator, d: int) -> np.ndarray:
     return np.ascontiguousarray(q * (np.diag(r) / np.abs(np.diag(r))))
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter loops (noisier numbers)")
     args = parser.parse_args()
     min_loop_s = 0.02 if args.quick else 0.1
     backends = {name: get_backend(name) for name in BACKENDS}
-    emit(
-        {
-            "bench": "environment",
-            "qnetem": emulator.__version__,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    emit(environment_record())
     rng = np.random.default_rng(2024)
     for n in (2, 4, 8):
         template = random_state(rng, n)

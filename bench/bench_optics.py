@@ -18,17 +18,16 @@ disturbed by other load).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import emit, environment_record  # noqa: E402
+
 import numpy as np  # noqa: E402
 
-import emulator  # noqa: E402
 from emulator.kernels import (  # noqa: E402
     OpticsCursor,
     OpticsParameters,
@@ -38,10 +37,6 @@ from emulator.kernels import (  # noqa: E402
 
 BACKENDS = ("c", "numpy")
 CHUNK = 1 << 20
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
 def gys(length_km: float) -> OpticsParameters:
@@ -69,17 +64,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller windows (noisier numbers)")
     args = parser.parse_args()
     target = 400_000 if args.quick else 2_000_000
-    emit(
-        {
-            "bench": "environment",
-            "qnetem": emulator.__version__,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    emit(environment_record())
     for length_km in (10, 100):
         params = gys(length_km)
         model = build_optics_model(params, alice_key=0x5EED, channel_key=0xC0FFEE)

@@ -23,18 +23,15 @@ thread (numpy's pocketfft FFT is single-threaded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import emit, environment_record, per_call_s  # noqa: E402
+
 import numpy as np  # noqa: E402
 
-import emulator  # noqa: E402
 from nodes.qkd.amplification import (  # noqa: E402
     ConvolutionMethod,
     draw_seed,
@@ -45,35 +42,11 @@ from nodes.qkd.authentication import Authenticator, DirectionalKeys  # noqa: E40
 from nodes.qkd.verification import VerificationHash  # noqa: E402
 
 
-def per_call_s(fn: Callable[[], object], min_loop_s: float, loops: int = 3) -> float:
-    fn()  # warm-up (FFT plan caches)
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_loop_s:
-            break
-        reps = max(reps * 2, int(reps * min_loop_s / max(dt, 1e-9)))
-    best = dt
-    for _ in range(loops - 1):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / reps
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
 def bench_pa(rng: np.random.Generator, n: int, min_loop_s: float, with_ntt: bool) -> None:
     m = n // 2
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = draw_seed(rng, n, m)
-    t_fft = per_call_s(lambda: toeplitz_hash(key, seed, m), min_loop_s)
+    t_fft = per_call_s(lambda: toeplitz_hash(key, seed, m), min_loop_s, loops=3)
     record = {
         "bench": "pa_toeplitz",
         "n_in_bits": n,
@@ -92,8 +65,8 @@ def bench_direct(rng: np.random.Generator, min_loop_s: float) -> None:
     n, m = 4096, 2048
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = draw_seed(rng, n, m)
-    t_direct = per_call_s(lambda: toeplitz_hash_reference(key, seed, m), min_loop_s)
-    t_fft = per_call_s(lambda: toeplitz_hash(key, seed, m), min_loop_s)
+    t_direct = per_call_s(lambda: toeplitz_hash_reference(key, seed, m), min_loop_s, loops=3)
+    t_fft = per_call_s(lambda: toeplitz_hash(key, seed, m), min_loop_s, loops=3)
     big_n, big_m = 10**6, 10**6 // 2
     emit(
         {
@@ -114,7 +87,7 @@ def bench_verification(rng: np.random.Generator, n: int, min_loop_s: float) -> N
     h = VerificationHash.for_epsilon(n, 1e-15)
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = h.draw_seed(rng)
-    t = per_call_s(lambda: h.tag(key, seed), min_loop_s)
+    t = per_call_s(lambda: h.tag(key, seed), min_loop_s, loops=3)
     emit(
         {
             "bench": "verification_hash",
@@ -138,7 +111,7 @@ def bench_auth(size: int, min_loop_s: float) -> None:
         seq = alice.next_seal_seq
         bob.verify(payload, seq, alice.seal(payload, seq))
 
-    t = per_call_s(round_trip, min_loop_s)
+    t = per_call_s(round_trip, min_loop_s, loops=3)
     emit(
         {
             "bench": "authentication",
@@ -158,17 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     min_loop_s = 0.05 if args.quick else 0.2
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
-    emit(
-        {
-            "bench": "environment",
-            "qnetem": emulator.__version__,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    emit(environment_record())
     rng = np.random.default_rng(2024)
     bench_direct(rng, min_loop_s)
     bench_pa(rng, 4096, min_loop_s, with_ntt=True)

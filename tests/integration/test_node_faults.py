@@ -22,7 +22,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import trio
 from emulator.runtime.admin_client import AdminClient, AdminRequestError
 from emulator.scenario import parse_scenario, scenario_to_dict
 from nodes.runtime import resolve_by_dns
+from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +64,6 @@ def _env(**extra: str) -> dict[str, str]:
         if name not in extra:
             env.pop(name, None)
     return env
-
-
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    with trio.move_on_after(timeout_s):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await trio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Procs:

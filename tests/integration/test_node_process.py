@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import trio
 from emulator.runtime.admin_client import AdminClient, AdminRequestError
 from emulator.scenario import parse_scenario, scenario_to_dict
 from emulator.wire import Error, LinkHello, decode, encode_framed
+from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,16 +72,6 @@ class Network:
 
     def all(self) -> list[subprocess.Popen[bytes]]:
         return [self.broker, *self.nodes.values()]
-
-
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    with trio.move_on_after(timeout_s):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await trio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

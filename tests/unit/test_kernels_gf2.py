@@ -29,16 +29,6 @@ HYP = settings(
 )
 
 
-@pytest.fixture(params=["numpy", "c"], scope="module")
-def backend(request):
-    return get_backend(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return get_backend("numpy"), get_backend("c")
-
-
 def ref_parity(bits: np.ndarray, start: int, stop: int) -> int:
     return int(bits[start:stop].sum()) % 2
 

@@ -61,16 +61,6 @@ GYS_E_D = 0.033
 GYS_MU = (0.48, 0.05, 0.0)
 
 
-@pytest.fixture(params=["numpy", "c"], scope="module")
-def backend(request):
-    return get_backend(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return get_backend("numpy"), get_backend("c")
-
-
 def gys(length_km: float, *, class_p=(0.5, 0.25, 0.25), eve: Eavesdropper | None = None, **kw) -> OpticsParameters:
     fields = dict(
         intensities=GYS_MU,

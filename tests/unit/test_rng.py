@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emulator.kernels import KernelError, derive_key, get_backend
+from emulator.kernels import KernelError, derive_key
 from emulator.kernels._c import load_cext
 from emulator.kernels._numpy import philox4x32_10
 
@@ -25,16 +25,6 @@ PINNED_KEY = 0x8EA0533FCFC17739
 
 def _words(hexes: list[str]) -> list[int]:
     return [int(h, 16) for h in hexes]
-
-
-@pytest.fixture(params=["numpy", "c"], scope="module")
-def backend(request):
-    return get_backend(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return get_backend("numpy"), get_backend("c")
 
 
 # --------------------------------------------------------------------- known answers

@@ -1,0 +1,56 @@
+"""What the micro-benchmarks share: JSON-lines output, the environment record, timing.
+
+Benchmarks are run as scripts (`python bench/bench_x.py`), so this module is imported
+as `_common` from the bench directory. `per_call_s` times a call with enough repetitions
+that one loop lasts at least `min_loop_s`, then reports the best of `loops` loops (the
+least-disturbed measurement on a shared machine), per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import emulator
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def environment_record() -> dict[str, Any]:
+    return {
+        "bench": "environment",
+        "qnetem": emulator.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def per_call_s(fn: Callable[[], object], min_loop_s: float, loops: int = 5) -> float:
+    fn()  # warm-up (first-call allocation, cffi type caches, FFT plans)
+    reps = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_loop_s:
+            break
+        reps = max(reps * 2, int(reps * min_loop_s / max(dt, 1e-9)))
+    best = dt
+    for _ in range(loops - 1):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / reps
