@@ -141,6 +141,14 @@ int qnetem_gf2_flip_bits(uint64_t *words, size_t n_bits, const int64_t *position
 /* *distance_out = number of positions < n_bits where a and b differ. */
 int qnetem_gf2_hamming(const uint64_t *a, const uint64_t *b, size_t n_bits, uint64_t *distance_out);
 
+/* Polynomial evaluation hash over GF(p), p = 2^127 - 1 (cext/qnetem_polyhash.c; the maths
+ * in nodes/qkd/_polyhash.py): data is cut into 15-byte little-endian blocks (the last one
+ * zero-padded), a block holding `length` is appended, and Horner's rule h <- (h + m) r
+ * runs over them from h = 0 with r = r_lo + 2^64 r_hi. out[0] + 2^64 out[1] receives h,
+ * fully reduced into [0, p). r >= p is QNETEM_ERR_ARG. */
+int qnetem_poly127_hash(const uint8_t *data, size_t n, uint64_t r_lo, uint64_t r_hi, uint64_t length,
+                        uint64_t *out);
+
 /* Optical layer of decoy-state BB84 (cext/qnetem_optics.c; model and tables in
  * emulator/kernels/_optics.py). Alice's choice for pulse i: u = rng_u64(alice_key, 0, i);
  * class 0/1/2 = signal/decoy/vacuum by (u >> 32) < signal, < signal_or_decoy, else;

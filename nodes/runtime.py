@@ -66,6 +66,9 @@ from emulator.wire import (
     PeerUp,
     Probe,
     ProbeAck,
+    QkdDetections,
+    QkdEmitted,
+    QkdStopped,
     RemoteProtocolError,
     decode,
     encode_datagram,
@@ -73,6 +76,7 @@ from emulator.wire import (
 
 from .apps import APP_KINDS, AppContext, AppHost, HostBrokerRequest, HostPeerSend
 from .control import AuthFailed, ControlSession, ShutdownRequested
+from .qkd.keypool import KeyPools
 from .qdevice import (
     BrokerClosed,
     EventReceived,
@@ -214,6 +218,7 @@ class NodeRuntime:
         self.qdev = QDevice(options.name, options.token, capabilities=("epr", "apps"))
         self.liveness = Liveness(options.name, interval_s=options.probe_interval_s, miss_limit=options.probe_miss_limit)
         self.host: AppHost | None = None
+        self.key_pools = KeyPools()  # per-peer final keys of this node's QKD links
         self.peers: dict[str, _Peer] = {}
         self.exit_code = 0
         self.failure: str | None = None  # one-line reason when exit_code != 0
@@ -269,7 +274,8 @@ class NodeRuntime:
         apps: {name: {kind, state}}; control: sessions, unauthorized;
         udp: unknown_source (datagrams naming no up neighbour, or from no neighbour's
           address if they name nobody), malformed, sent; links_rejected (refused link
-          handshakes, not counting refusals of a cut neighbour); app_messages_unroutable.
+          handshakes, not counting refusals of a cut neighbour); app_messages_unroutable;
+        key_pools.<peer>: bits_added, bits_taken, bits_available, blocks (counts only).
         """
         scale = self.qdev.time_scale
         links: dict[str, Any] = {}
@@ -325,6 +331,11 @@ class NodeRuntime:
                 "sent": self._udp.sent if self._udp else 0,
             },
             "links_rejected": self._links_rejected,
+            "key_pools": {
+                peer: {"bits_added": st.bits_added, "bits_taken": st.bits_taken,
+                       "bits_available": st.bits_available, "blocks": st.blocks}
+                for peer, st in self.key_pools.statistics().items()
+            },  # fmt: skip
         }
 
     def link_fault(self, peer_name: str, cut: bool, now: float) -> None:
@@ -462,6 +473,7 @@ class NodeRuntime:
                 time_scale=welcome.time_scale,
                 memory_qubits=welcome.memory_qubits,
                 links=link_map,
+                key_pools=self.key_pools,
             )
 
         self.host = AppHost(APP_KINDS, context)
@@ -511,7 +523,7 @@ class NodeRuntime:
                 host.handle_broker_reply(tag[1], event.message, self._em_now())
         elif isinstance(event, EventReceived):
             msg = event.message
-            if isinstance(msg, EprDelivered | EprDone):
+            if isinstance(msg, EprDelivered | EprDone | QkdDetections | QkdEmitted | QkdStopped):
                 host.handle_broker_event(msg, self._em_now())
             elif isinstance(msg, PeerUp):
                 self._on_peer_up(msg)

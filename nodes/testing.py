@@ -35,6 +35,7 @@ from emulator.testing import FakeClock
 from emulator.wire import AppMsg, decode, encode
 
 from .apps import APP_KINDS, App, AppContext, AppHost, HostBrokerRequest, HostPeerSend
+from .qkd.keypool import KeyPools
 
 __all__ = ["AppNetwork", "FakeClock", "InMemoryLink", "LossyChannel"]
 
@@ -145,12 +146,17 @@ class AppNetwork:
         self.step_s = step_s
         self.max_rounds = max_rounds
         self.nodes: dict[str, _Node] = {}
+        self.key_pools: dict[str, KeyPools] = {}  # each node's pools, as the runtime holds them
         for name in nodes:
             session = broker.connect(name)
             welcome = session.welcome
             links = {link.peer: link for link in welcome.links}
 
-            def factory(app_name: str, _w: Any = welcome, _links: Any = links, _node: str = name) -> AppContext:
+            pools = self.key_pools[name] = KeyPools()
+
+            def factory(
+                app_name: str, _w: Any = welcome, _links: Any = links, _node: str = name, _pools: KeyPools = pools
+            ) -> AppContext:
                 return AppContext(
                     node=_node,
                     name=app_name,
@@ -158,6 +164,7 @@ class AppNetwork:
                     time_scale=_w.time_scale,
                     memory_qubits=_w.memory_qubits,
                     links=_links,
+                    key_pools=_pools,
                 )
 
             self.nodes[name] = _Node(name, session, AppHost(registry, factory))

@@ -110,6 +110,7 @@ import hmac
 import itertools
 import logging
 import math
+import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -203,6 +204,11 @@ _INT63_MASK = (1 << 63) - 1
 _UNITARY_ATOL = 1e-9  # |U U^dagger - I| tolerated for a `unitary` matrix (float64 round-off)
 _ROTATION_CACHE_SIZE = 1024  # distinct (gate, angle) matrices kept; apps reuse a few angles
 _QKD_BYTES_PER_DETECTION = 11  # pulse u64 + basis, outcome, double_click u8
+#: Bytes of each QKD link's pre-shared authentication key (half per direction): Wegman-
+#: Carter tags cost 128 bits each, so 128 kbit per direction covers ~1000 messages, the
+#: sifting and Cascade traffic of the first blocks at 100 km; later keys come from the
+#: link's own pool (nodes/qkd/session.py).
+QKD_AUTH_KEY_BYTES = 32_768
 _QKD_FRAME_HEADROOM = 4096  # envelope and small fields of a qkd_detections frame
 
 
@@ -309,6 +315,7 @@ class _Qkd:
     optical: OpticalLink
     info: QkdLinkInfo  # public parameters, without alice_key
     alice_key: bytes  # 8 bytes little-endian; only in the transmitter's welcome
+    auth_key: bytes  # the pre-shared authentication key, in both ends' welcome
     slice_pulses: int
     listening: bool = False
     running: bool = False
@@ -421,13 +428,17 @@ class BrokerCore:
         node_token: str,
         admin_token: str,
         now_s: float = 0.0,
+        secret_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
+        """`secret_bytes(n)`: n unpredictable bytes, for each QKD link's pre-shared
+        authentication key (not derived from the public seed; tests may fix it)."""
         if not node_token or not admin_token:
             raise ValueError("node_token and admin_token must be non-empty")
         self.config = config
         self._node_token = node_token.encode("utf-8")
         self._admin_token = admin_token.encode("utf-8")
         self._now_s = float(now_s)
+        self._secret_bytes = secret_bytes
         self._limits = Limits(max_frame_bytes=config.limits.max_frame_bytes)
         self.registry = QuantumRegistry(backend, max_register_qubits=config.limits.max_register_qubits)
         #: Set by an admin `shutdown`; the host exits once it has flushed the reply.
@@ -1310,6 +1321,7 @@ class BrokerCore:
             optical=OpticalLink(optics, alice_key=alice_key, channel_key=channel_key, backend=backend),
             info=info,
             alice_key=alice_key.to_bytes(8, "little"),
+            auth_key=self._secret_bytes(QKD_AUTH_KEY_BYTES),
             slice_pulses=max(1, round(self.config.qkd_slice_s * optics.pulse_rate_hz)),
         )
 
@@ -1319,8 +1331,8 @@ class BrokerCore:
         if q is None:
             return None
         if name == q.transmitter:
-            return dataclasses.replace(q.info, alice_key=q.alice_key)
-        return q.info
+            return dataclasses.replace(q.info, alice_key=q.alice_key, auth_key=q.auth_key)
+        return dataclasses.replace(q.info, auth_key=q.auth_key)
 
     def _qkd_link_to(self, node: _Node, peer: str) -> _Qkd:
         link = self._link_to(node, peer)
@@ -1419,6 +1431,7 @@ class BrokerCore:
                         basis=rec.basis,
                         outcome=rec.outcome,
                         double_click=rec.double_click,
+                        now_s=q.time_of(batch.end_pulse),
                     ),
                 )
                 if batch.complete:

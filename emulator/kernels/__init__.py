@@ -23,6 +23,11 @@ bit i = bit (i % 64) of word i // 64, least significant bit first (``gf2_pack`` 
 (contiguous ranges, or ranges of a shuffling index), shuffle a key (``gf2_gather``),
 flip bits and count differing bits: the parity work of Cascade reconciliation.
 
+``poly127_hash(data, r, length)`` is the polynomial evaluation hash over GF(2^127 - 1)
+(:data:`POLY127_PRIME`) that QKD verification and authentication use
+(nodes/qkd/_polyhash.py): Horner's rule over 15-byte little-endian blocks of a byte
+buffer and a final length block.
+
 Optics kernels (``optics_*``, model in ``_optics.py``) serve decoy-state BB84: Alice's
 per-pulse (intensity class, basis, bit) as a pure function of her key and the pulse index
 (``optics_choices``), and the detections at Bob sampled at a cost proportional to the
@@ -50,6 +55,7 @@ from ._types import (
     GATES,
     GF2_MAX_BITS,
     MAX_QUBITS,
+    POLY127_PRIME,
     Backend,
     Basis,
     BellState,
@@ -83,6 +89,7 @@ __all__ = [
     "GATES",
     "GF2_MAX_BITS",
     "MAX_QUBITS",
+    "POLY127_PRIME",
     "Backend",
     "Basis",
     "BellState",

@@ -85,6 +85,9 @@ def check_source_digest(built_digest: str, cext_dir: Path | None = None) -> None
         )
 
 
+_LOW64 = (1 << 64) - 1
+
+
 def _check(rc: int, function: str) -> None:
     if rc != 0:
         raise KernelError(f"{function} failed: {_STATUS.get(rc, 'unknown status')} (status {rc})")
@@ -277,3 +280,13 @@ class CBackend(COpticsMixin, CheckedBackend):
             return 0
         _check(self._lib.qnetem_gf2_hamming(self._u64(a), self._u64(b), n_bits, distance), "qnetem_gf2_hamming")
         return int(distance[0])
+
+    # --- polynomial hash over GF(2^127 - 1) (cext/qnetem_polyhash.c) ------------------
+    def _impl_poly127_hash(self, data: memoryview, r: int, length: int) -> int:
+        ffi = self._ffi
+        out = ffi.new("uint64_t[2]")
+        n = data.nbytes
+        buf = ffi.from_buffer("uint8_t[]", data) if n else ffi.NULL
+        rc = self._lib.qnetem_poly127_hash(buf, n, r & _LOW64, r >> 64, length, out)
+        _check(rc, "qnetem_poly127_hash")
+        return int(out[0]) | (int(out[1]) << 64)

@@ -15,6 +15,8 @@ C-contiguous complex128 array of shape ``(2**n, 2**n)``; qubit 0 is the MOST
 significant bit of the basis index, so ``np.kron(A, B)`` has A on qubit 0.
 GF(2) kernels take bit-packed keys: ceil(n/64) uint64 words, key bit i = bit (i % 64)
 of word i // 64 (see ``gf2_words_for_bits`` and cext/qnetem_gf2.c).
+``poly127_hash`` takes any contiguous byte buffer (bytes, bytearray, memoryview, uint8
+array) and Python ints; it returns a Python int in [0, 2**127 - 1).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "GATES",
     "GF2_MAX_BITS",
     "MAX_QUBITS",
+    "POLY127_PRIME",
     "Backend",
     "Basis",
     "BellState",
@@ -57,6 +60,9 @@ __all__ = [
 MAX_QUBITS = 30
 
 _U64 = 1 << 64
+
+#: What poly127_hash hashes: a contiguous byte buffer (collections.abc.Buffer needs 3.12).
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
 class Basis(enum.IntEnum):
@@ -144,6 +150,9 @@ class Backend(Protocol):
     def gf2_flip_bits(self, words: np.ndarray, n_bits: int, positions: npt.ArrayLike) -> None: ...
 
     def gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int: ...
+
+    # Polynomial hash over GF(2^127 - 1) (cext/qnetem_polyhash.c).
+    def poly127_hash(self, data: Buffer, r: int, length: int) -> int: ...
 
     # Optics of decoy-state BB84 (emulator/kernels/_optics.py, cext/qnetem_optics.c).
     def optics_choices(
@@ -399,6 +408,41 @@ def check_positions(name: str, positions: object, n_bits: int) -> np.ndarray:
     return p
 
 
+# ------------------------------------------------------------ polynomial hash argument checks
+
+#: The prime 2^127 - 1 of the polynomial hash (a Mersenne prime: 2^127 == 1 mod p).
+POLY127_PRIME = (1 << 127) - 1
+
+
+def check_byte_buffer(name: str, data: object) -> memoryview:
+    """A C-contiguous buffer of single bytes (format B, b or c) as a flat 'B' memoryview.
+
+    Wider items (a uint64 array, say) are refused: their bytes depend on the host's byte
+    order, so hashing them would not give the same tag on every machine."""
+    if isinstance(data, str):
+        raise KernelError(f"{name} must be bytes-like, got str (encode it first)")
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise KernelError(f"{name} must be bytes-like, got {type(data).__name__}") from None
+    if view.itemsize != 1 or view.format not in ("B", "b", "c"):
+        raise KernelError(f"{name} must hold single bytes (format 'B'), got format {view.format!r}")
+    if not view.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+
+
+def check_poly127_args(data: object, r: object, length: object) -> tuple[memoryview, int, int]:
+    view = check_byte_buffer("data", data)
+    key = _int("r", r)
+    if not 0 <= key < POLY127_PRIME:
+        raise KernelError("r must be in [0, 2**127 - 1)")  # the value itself is a secret key
+    n = _int("length", length)
+    if not 0 <= n < _U64:
+        raise KernelError(f"length must be in [0, 2**64), got {n}")
+    return view, key, n
+
+
 class CheckedBackend(abc.ABC):
     """Validates arguments, then calls ``_impl_*`` (implemented by each backend)."""
 
@@ -564,6 +608,15 @@ class CheckedBackend(abc.ABC):
         check_gf2_words("b", b, n)
         return self._impl_gf2_hamming(a, b, n)
 
+    # --- polynomial hash over GF(2^127 - 1) ------------------------------------------
+    def poly127_hash(self, data: Buffer, r: int, length: int) -> int:
+        """Horner's rule over GF(p), p = 2^127 - 1: h <- (h + m) r over the 15-byte
+        little-endian blocks m of `data` (the last zero-padded), then over the block
+        `length` (any 64-bit number; callers pass a byte or bit count). The result, a
+        Python int in [0, p), is sum_i m_i r^(L+2-i) mod p (nodes/qkd/_polyhash.py)."""
+        view, key, n = check_poly127_args(data, r, length)
+        return self._impl_poly127_hash(view, key, n)
+
     # --- implemented by each backend (arguments already validated) --------------------
     @abc.abstractmethod
     def _impl_apply_1q(self, rho: np.ndarray, n: int, q: int, u: np.ndarray) -> None:
@@ -645,6 +698,10 @@ class CheckedBackend(abc.ABC):
 
     @abc.abstractmethod
     def _impl_gf2_hamming(self, a: np.ndarray, b: np.ndarray, n_bits: int) -> int:
+        ...
+
+    @abc.abstractmethod
+    def _impl_poly127_hash(self, data: memoryview, r: int, length: int) -> int:
         ...
 
 

@@ -101,6 +101,9 @@ class QkdLinkInfo(Struct):
     misalignment_error: float
     dead_time_s: float
     alice_key: bytes | None = dataclasses.field(default=None, repr=False)  # secret
+    # Both ends: the pre-shared key that authenticates the link's post-processing until
+    # its own key pool takes over (nodes/qkd/authentication.py); secret, never logged.
+    auth_key: bytes | None = dataclasses.field(default=None, repr=False)
 
 
 @_frozen
@@ -386,6 +389,7 @@ class QkdDetections(Message):
     basis: U8Array  # 0 Z, 1 X (emulator.kernels.Basis)
     outcome: U8Array
     double_click: U8Array  # 1: both detectors fired (outcome is a random bit)
+    now_s: float  # emulated time at which pulse end_pulse - 1 left (the range's end)
 
 
 @register

@@ -13,8 +13,9 @@ from types import MappingProxyType
 from .base import App, AppAction, AppContext, AppParamError, AppState, BrokerRequest, PeerSend
 from .epr_test import EprTestApp
 from .host import AppHost, HostAction, HostBrokerRequest, HostPeerSend
+from .qkd import QkdApp
 
-APP_KINDS: Mapping[str, type[App]] = MappingProxyType({EprTestApp.KIND: EprTestApp})
+APP_KINDS: Mapping[str, type[App]] = MappingProxyType({EprTestApp.KIND: EprTestApp, QkdApp.KIND: QkdApp})
 
 __all__ = [
     "APP_KINDS",
@@ -30,4 +31,5 @@ __all__ = [
     "HostBrokerRequest",
     "HostPeerSend",
     "PeerSend",
+    "QkdApp",
 ]

@@ -43,6 +43,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
 from emulator.wire import LinkInfo, Message
+from nodes.qkd.keypool import KeyPools
 
 __all__ = [
     "App",
@@ -80,6 +81,8 @@ class AppContext:
     time_scale: float  # wall seconds per emulated second
     memory_qubits: int
     links: Mapping[str, LinkInfo]  # neighbours by name
+    # The node's key pools by peer (QKD apps fill them); None: the app keeps its own.
+    key_pools: KeyPools | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

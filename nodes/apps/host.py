@@ -19,6 +19,9 @@ number, not our request id):
    `epr_delivered` of a request initiated by `peer` (unknown R) binds R to that listener.
 3. Events for a request not (yet) bound are held (at most `MAX_HELD_EVENTS`) until rule
    1 or 2 binds it — the broker may push a delivery before our reply is processed.
+4. QKD events (`qkd_detections`, `qkd_emitted`, `qkd_stopped`) name the other end of the
+   link: they go to the app that last sent `qkd_listen(accept)` or `qkd_start` for that
+   peer (the broker sends none before those); others are dropped and counted.
 
 Any exception escaping an app marks that app failed; the others are unaffected.
 """
@@ -39,6 +42,11 @@ from emulator.wire import (
     EprListen,
     ErrorCode,
     Message,
+    QkdDetections,
+    QkdEmitted,
+    QkdListen,
+    QkdStart,
+    QkdStopped,
     RemoteProtocolError,
 )
 
@@ -80,6 +88,7 @@ class AppHost:
         self._actions: deque[HostAction] = deque()
         self._by_request: dict[int, str] = {}  # broker request number -> app name
         self._listeners: dict[str, str] = {}  # peer -> app name listening for its requests
+        self._qkd: dict[str, str] = {}  # peer -> app name running the QKD link with it (rule 4)
         self._held: deque[tuple[int, Message]] = deque()
         self.dropped_peer_messages = 0
         self.dropped_events = 0
@@ -143,6 +152,13 @@ class AppHost:
         self._release_held(now)
 
     def handle_broker_event(self, message: Message, now: float) -> None:
+        if isinstance(message, QkdDetections | QkdEmitted | QkdStopped):
+            name = self._qkd.get(message.peer)
+            if name is None:
+                self.dropped_events += 1
+                return
+            self._deliver_event(name, message, now)
+            return
         if not isinstance(message, EprDelivered | EprDone):
             return  # other events concern the node, not apps (yet)
         name = self._by_request.get(message.request)
@@ -216,6 +232,8 @@ class AppHost:
                         self._listeners[msg.peer] = name
                     elif self._listeners.get(msg.peer) == name:
                         del self._listeners[msg.peer]
+                elif isinstance(msg, QkdListen | QkdStart) and (not isinstance(msg, QkdListen) or msg.accept):
+                    self._qkd[msg.peer] = name
                 self._actions.append(HostBrokerRequest((name, action.tag), msg))
             elif isinstance(action, PeerSend):
                 self._actions.append(HostPeerSend(action.peer, AppMsg(app=action.app, body=action.body)))

@@ -27,7 +27,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["KeyPool", "KeyPoolError", "KeyPoolExhausted", "KeyPoolStatistics"]
+__all__ = ["KeyPool", "KeyPoolError", "KeyPoolExhausted", "KeyPoolStatistics", "KeyPools"]
 
 
 class KeyPoolError(ValueError):
@@ -145,3 +145,29 @@ class KeyPool:
             f"<KeyPool peer={self._peer!r} blocks={len(self._block_ids)} "
             f"bits_available={self.bits_available} bits_taken={self._pos}>"
         )
+
+
+class KeyPools:
+    """A node's key pools, one per peer, created on first use. The node owns one; every
+    QKD session with a peer fills that peer's pool, and key management (DESIGN §8)
+    takes from it."""
+
+    __slots__ = ("_pools",)
+
+    def __init__(self) -> None:
+        self._pools: dict[str, KeyPool] = {}
+
+    def pool(self, peer: str) -> KeyPool:
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = self._pools[peer] = KeyPool(peer)
+        return pool
+
+    def peers(self) -> tuple[str, ...]:
+        return tuple(self._pools)
+
+    def statistics(self) -> dict[str, KeyPoolStatistics]:
+        return {peer: pool.statistics() for peer, pool in self._pools.items()}
+
+    def __repr__(self) -> str:
+        return f"<KeyPools peers={sorted(self._pools)}>"

@@ -58,6 +58,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import typing
 from collections import deque
 from typing import Callable, Protocol, Union
 
@@ -109,6 +110,7 @@ __all__ = [
     "Envelope",
     "KeyAdded",
     "MessageRejected",
+    "PayloadError",
     "QkdLinkAlice",
     "QkdLinkBob",
     "QkdLinkPair",
@@ -118,6 +120,7 @@ __all__ = [
     "QkdSessionError",
     "VerificationResult",
     "VerificationTag",
+    "message_from_payload",
     "payload_bytes",
 ]
 
@@ -216,6 +219,76 @@ def payload_bytes(message: SessionMessage) -> bytes:
     return bytes(out)
 
 
+class PayloadError(RemoteProtocolError):
+    """Bytes that are not the canonical encoding of a post-processing message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.BAD_FIELD, message)
+
+
+_BY_CODE: dict[int, type] = {code: cls for cls, code in _CODES.items()}
+_FIELD_KINDS: dict[type, tuple[tuple[str, bytes], ...]] = {}
+_KIND_OF_TYPE = {bool: b"b", int: b"i", bytes: b"y"}
+_MAX_INT_BYTES = 16  # every integer field fits in 128 bits (pulse indices < 2^53, seeds < 2^64)
+
+
+def _field_kinds(cls: type) -> tuple[tuple[str, bytes], ...]:
+    kinds = _FIELD_KINDS.get(cls)
+    if kinds is None:
+        hints = typing.get_type_hints(cls)
+        kinds = tuple((f.name, _KIND_OF_TYPE[hints[f.name]]) for f in dataclasses.fields(cls))
+        _FIELD_KINDS[cls] = kinds
+    return kinds
+
+
+def message_from_payload(raw: bytes) -> SessionMessage:
+    """Inverse of `payload_bytes`: the message whose canonical bytes `raw` are.
+
+    Each field must carry the kind its declaration has ('b', 'i', 'y'), integers at most
+    16 bytes, and `raw` must end exactly after the last field; else `PayloadError`
+    naming the field (never its value). Stage-level checks (lengths, ranges) happen when
+    the message is handled, after authentication.
+    """
+    view = memoryview(raw)
+    if len(view) < 1:
+        raise PayloadError("empty post-processing payload")
+    cls = _BY_CODE.get(view[0])
+    if cls is None:
+        raise PayloadError(f"unknown post-processing message code {view[0]}")
+    pos = 1
+    values: dict[str, object] = {}
+    for name, kind in _field_kinds(cls):
+        if bytes(view[pos : pos + 1]) != kind:
+            raise PayloadError(f"{cls.__name__}.{name}: expected a field of kind {kind.decode()}")
+        pos += 1
+        if kind == b"b":
+            if pos >= len(view) or view[pos] > 1:
+                raise PayloadError(f"{cls.__name__}.{name}: not a boolean")
+            values[name] = bool(view[pos])
+            pos += 1
+        elif kind == b"i":
+            if pos + 2 > len(view):
+                raise PayloadError(f"{cls.__name__}.{name}: truncated")
+            size = int.from_bytes(view[pos : pos + 2], "big")
+            pos += 2
+            if not 1 <= size <= _MAX_INT_BYTES or pos + size > len(view):
+                raise PayloadError(f"{cls.__name__}.{name}: bad integer length")
+            values[name] = int.from_bytes(view[pos : pos + size], "big", signed=True)
+            pos += size
+        else:
+            if pos + 8 > len(view):
+                raise PayloadError(f"{cls.__name__}.{name}: truncated")
+            size = int.from_bytes(view[pos : pos + 8], "big")
+            pos += 8
+            if pos + size > len(view):
+                raise PayloadError(f"{cls.__name__}.{name}: truncated")
+            values[name] = bytes(view[pos : pos + size])
+            pos += size
+    if pos != len(view):
+        raise PayloadError(f"{cls.__name__}: {len(view) - pos} trailing bytes")
+    return cls(**values)  # type: ignore[no-any-return]
+
+
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class Envelope:
     """An authenticated message: per-direction sequence number, message, 16-byte tag."""
@@ -302,7 +375,8 @@ class QkdSessionConfig:
     estimation: intensities and eps values; block_key_bits: signal key-basis bits per
     block (before sampling); cascade_variant; sample_fraction; key_basis;
     batch_detections: Bob's largest announcement; auth_low_water_bits /
-    auth_refill_bits: Alice's refill policy (module docstring).
+    auth_refill_bits: Alice's refill policy (module docstring); announce_interval_s:
+    emulated seconds Bob gathers windows before announcing them (0: every window).
     """
 
     estimation: EstimationParameters
@@ -313,8 +387,11 @@ class QkdSessionConfig:
     batch_detections: int = 1 << 18
     auth_low_water_bits: int = DEFAULT_AUTH_LOW_WATER_BITS
     auth_refill_bits: int = DEFAULT_AUTH_REFILL_BITS
+    announce_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.announce_interval_s >= 0.0 and math.isfinite(self.announce_interval_s)):
+            raise QkdSessionError(f"announce_interval_s must be finite and >= 0, got {self.announce_interval_s!r}")
         if not isinstance(self.estimation, EstimationParameters):
             raise QkdSessionError("estimation must be EstimationParameters")
         if self.block_key_bits < 1:
@@ -421,12 +498,13 @@ class _End(abc.ABC):
         self._backend = backend if backend is not None else get_backend()
         self._rng = rng
         self._keys = DirectionalKeys(initiator=self._role == "alice", material=bytes(bootstrap_key))
-        self._auth = Authenticator.from_keys(self._keys)
+        self._auth = Authenticator.from_keys(self._keys, backend=self._backend)
         self.pool = pool if pool is not None else KeyPool()
         self._pending: deque[SessionMessage] = deque()
         self._events: deque[QkdEvent] = deque()
         self._queue: deque[_Block] = deque()
         self._m = _Metrics(self._role)
+        self._sifting: SiftingAlice | SiftingBob
 
     # -- transport side
     def messages_to_send(self) -> list[Envelope]:
@@ -469,6 +547,22 @@ class _End(abc.ABC):
 
     def next_event(self) -> QkdEvent | None:
         return self._events.popleft() if self._events else None
+
+    @property
+    def blocks_in_progress(self) -> int:
+        """Blocks closed by sifting whose key is not in the pool (or dropped) yet."""
+        return self._sifting.blocks_open + len(self._queue)
+
+    def reject_unreadable(self, reason: str) -> None:
+        """The transport got an envelope it could not even decode: counted like one that
+        failed authentication (`auth_rejects`, `MessageRejected`); nothing else changes."""
+        self._m.auth_rejects += 1
+        self._events.append(MessageRejected(reason[:200], "unreadable"))
+
+    @property
+    def messages_waiting(self) -> int:
+        """Messages queued for sealing (waiting for authentication key if this stays > 0)."""
+        return len(self._pending)
 
     # -- shared steps
     @abc.abstractmethod
@@ -612,7 +706,7 @@ class QkdLinkAlice(_End):
         """Cascade is over: send the verification tag and the amplification seed."""
         vh = self._verification(block)
         vseed = vh.draw_seed(self._rng)
-        tag = vh.tag(block.sifted.key_bits, vseed)
+        tag = vh.tag(block.sifted.key_bits, vseed, backend=self._backend)
         n_in = len(block.sifted)
         block.n_out = self._output_length(block, vh.tag_bits)
         block.seed = draw_seed(self._rng, n_in, block.n_out)
@@ -666,14 +760,27 @@ class QkdLinkBob(_End):
         super().__init__(config, bootstrap_key, pool, rng, backend)
         self._sifting = SiftingBob(backend=self._backend, batch_detections=config.batch_detections)
         self._verified: _Block | None = None  # tag checked, waiting for the seed
+        self._last_flush: float | None = None
 
     def __repr__(self) -> str:
         return f"<QkdLinkBob blocks_done={self._m.done} final_bits={self._m.final_bits} pool={self.pool!r}>"
 
     def add_detections(self, window: DetectionWindow, now: float = 0.0) -> None:
-        """One window of the broker's qkd_detections; announced at once (flushed)."""
+        """One window of the broker's qkd_detections. Announced at once, or (with
+        `announce_interval_s` > 0) once that much emulated time has passed since the last
+        announcement or a batch is full: fewer, larger announcements cost less
+        authentication key (one tag per message) on long, slow links."""
         self._sifting.add_detections(window, now)
+        interval = self._config.announce_interval_s
+        if self._last_flush is None or now - self._last_flush >= interval:
+            self._sifting.flush(now)
+            self._last_flush = now
+        self._pump(now)
+
+    def flush(self, now: float = 0.0) -> None:
+        """Announce every detection still pending (the end of the stream)."""
         self._sifting.flush(now)
+        self._last_flush = now
         self._pump(now)
 
     def _handle(self, msg: SessionMessage, now: float) -> None:
@@ -730,7 +837,7 @@ class QkdLinkBob(_End):
         if not isinstance(msg.seed, bytes) or len(msg.seed) != vh.seed_bytes:
             raise _SessionRemoteError("verification seed of the wrong length")
         assert isinstance(head.cascade, CascadeBob)
-        ok = vh.check(head.cascade.corrected_key(), msg.seed, msg.tag)
+        ok = vh.check(head.cascade.corrected_key(), msg.seed, msg.tag, backend=self._backend)
         errors = head.cascade.statistics().bits_corrected
         self._pending.append(VerificationResult(head.block_id, ok, errors))
         head.verified = True

@@ -672,6 +672,11 @@ class _SiftingEnd:
         """The oldest completed block (secret key bits or outcomes inside), or None."""
         return self._blocks.popleft() if self._blocks else None
 
+    @property
+    def blocks_open(self) -> int:
+        """Blocks closed but not complete at this end yet (Alice: awaiting Bob's errors)."""
+        return 0
+
     def statistics(self) -> SiftingStatistics:
         return self._ledger.statistics()
 
@@ -770,15 +775,21 @@ class SiftingAlice(_SiftingEnd):
         led = self._ledger
         led.pulses += msg.end_pulse - msg.first_pulse
         led.detections += int(pulses.shape[0])
+        rows = np.flatnonzero(matched)  # one scan of the mask, then cheap takes
+        m_classes, m_bases = classes.take(rows), bases.take(rows)
         led.add(_Batch(
             seq, msg.end_pulse - msg.first_pulse, np.bincount(classes, minlength=N_CLASSES).astype(np.int64),
-            pulses[matched], classes[matched], bases[matched], choices.bit[matched],
+            pulses.take(rows), m_classes, m_bases, choices.bit.take(rows),
         ))  # fmt: skip
-        key_rows = (classes[matched] == IntensityClass.SIGNAL) & (bases[matched] == self._key_basis)
-        self._pending_key += int(key_rows.sum())
+        key_rows = (m_classes == IntensityClass.SIGNAL) & (m_bases == self._key_basis)
+        self._pending_key += int(np.count_nonzero(key_rows))
         self._send(SiftReply.build(seq, matched, classes))
         if self._block_key_bits is not None and self._pending_key >= self._block_key_bits:
             self.close_block()
+
+    @property
+    def blocks_open(self) -> int:
+        return len(self._awaiting)
 
     def close_block(self, now: float = 0.0) -> int:
         """Close a block over every answered batch not yet in one; send ParameterSample.
@@ -956,9 +967,10 @@ class SiftingBob(_SiftingEnd):
         matched, classes = msg.decoded(int(head.pulses.shape[0]))
         self._outstanding.popleft()
         self._last_answered = seq
+        rows = np.flatnonzero(matched)
         self._ledger.add(_Batch(
             seq, head.span, np.bincount(classes, minlength=N_CLASSES).astype(np.int64),
-            head.pulses[matched], classes[matched], head.bases[matched], head.outcomes[matched],
+            head.pulses.take(rows), classes.take(rows), head.bases.take(rows), head.outcomes.take(rows),
         ))  # fmt: skip
 
     def _take_sample(self, msg: ParameterSample) -> None:

@@ -192,6 +192,11 @@ def test_welcome_gives_only_the_transmitter_its_key() -> None:
     assert a_info.alice_key == alice_key.to_bytes(8, "little")
     assert b_info.alice_key is None
     assert dataclasses.replace(a_info, alice_key=None) == b_info  # same public parameters
+    # Both ends hold the same pre-shared authentication key, drawn for this run (not
+    # from the public seed: another broker with the same configuration draws another).
+    assert a_info.auth_key == b_info.auth_key and a_info.auth_key is not None and len(a_info.auth_key) >= 8192
+    assert InMemoryBroker(make_config()).connect("bob").welcome.links[0].qkd.auth_key != b_info.auth_key
+    assert "auth_key" not in repr(bob.welcome)
     assert (b_info.transmitter, b_info.receiver, b_info.pulse_rate_hz) == ("alice", "bob", RATE_HZ)
     th = make_config().links[0].qkd.optics.choice_thresholds()  # type: ignore[union-attr]
     assert (b_info.threshold_signal, b_info.threshold_signal_or_decoy, b_info.threshold_basis_z) == (
@@ -225,6 +230,8 @@ def test_detections_cover_exactly_the_pulses_sent_and_equal_the_optical_link(bac
     emitted = alice.messages(QkdEmitted)
     assert [m.end_pulse for m in emitted] == [b.end_pulse for b in batches]
     assert emitted[-1].now_s == pytest.approx(t_s)
+    # Each range is stamped with the emulated time its last pulse left (start at t = 0).
+    assert [b.now_s for b in batches] == pytest.approx([b.end_pulse / RATE_HZ for b in batches])
     got = collect(batches)
     assert len(got["pulse"]) > 1000
     # Determinism: the same keys run directly give the same detections.
@@ -449,7 +456,7 @@ def test_codec_round_trips_of_the_qkd_messages() -> None:
         peer="alice", first_pulse=0, end_pulse=(1 << 53),
         pulse=np.array([0, (1 << 53) - 1, (1 << 64) - 1], dtype=np.uint64),
         basis=np.array([0, 1, 1], np.uint8), outcome=np.array([1, 0, 1], np.uint8),
-        double_click=np.array([0, 0, 1], np.uint8),
+        double_click=np.array([0, 0, 1], np.uint8), now_s=0.25,
     )  # fmt: skip
     back = decode(encode(det, id=3)).message
     assert isinstance(back, QkdDetections) and back.pulse.dtype == np.dtype("<u8")

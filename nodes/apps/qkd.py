@@ -1,0 +1,508 @@
+"""qkd: run one QKD link's post-processing, end to end, and report its metrics.
+
+Theory of operation
+-------------------
+Two instances run, an *initiator* on the link's transmitter (Alice) and a *responder*
+on its receiver (Bob). Each owns one end of the link session (nodes/qkd/session.py:
+sifting -> estimation -> Cascade -> verification -> privacy amplification, every message
+authenticated), fills the node's key pool for the peer (``AppContext.key_pools``), and
+drives the broker's optical layer (docs/protocol.md §4.7):
+
+1. Bob sends the broker ``qkd_listen(peer=Alice)``; Alice sends Bob ``{"op": "start"}``
+   every ``retry_s`` until Bob answers ``{"op": "ready"}`` (once his listen is acknowledged).
+2. Alice sends ``qkd_start``. The broker pushes Bob ``qkd_detections`` per slice and Alice
+   ``qkd_emitted``. Bob feeds his windows to his session; both ends exchange the session's
+   envelopes as ``{"op": "pp", "seq", "msg", "tag"}`` bodies (``msg`` the canonical
+   payload bytes of session.payload_bytes, ``tag`` the 16-byte Wegman–Carter tag).
+3. Alice stops the link (``qkd_stop``) after ``duration_s`` of emission or once the pool
+   holds ``key_bits`` new bits. On ``qkd_stopped`` Bob announces what is pending and sends
+   ``{"op": "drained"}`` behind it (the link keeps order), so Alice knows that no block can
+   close after the ones under way. When those are finished (key added or block dropped),
+   Alice sends ``{"op": "end", "salt", "check"}`` with check = SHA-256(salt || the pool's
+   digest) over a fresh salt; Bob compares it with his own pool and answers
+   ``{"op": "ended", "match"}``, withdraws his listen and finishes; Alice finishes on the
+   answer (or ``end_wait_s`` later without one). Both report ``pool_match``: the two
+   pools were compared by a salted hash, never by their bits.
+
+Load shedding (Bob). ``qkd_detections`` carries the emulated time its range ended; a
+window that reaches Bob more than ``max_lag_s`` after that is dropped unannounced and
+counted (``detections_dropped``, ``pulses_dropped``): a post-processor that cannot keep
+up with the hardware loses whole windows, as a real one overflowing its buffer would.
+Sifting allows gaps (announcements cover only what was kept), so the pulses of dropped
+windows count for nothing and the decoy estimates stay unbiased; the secret key rate per
+second of emission shows the loss.
+
+Results (``results()``, counts and rates only — never key bits): final_key_bits,
+secret_key_rate_bps (final bits per emulated second of emission), qber / qber_x (signal
+QBER of the key / test basis, over every estimated block), qber_last_block,
+qber_per_intensity of the last block, sifted_bits, detections, pulses,
+blocks_done/aborted/discarded, alarms and the last alarm's reason, cascade_efficiency (f),
+single_photon_yield_lower / single_photon_error_upper of the last block,
+key_rate_per_pulse, leaked_bits, frame_errors, auth_rejects, protocol_rejects,
+auth_refills, detections_dropped, pulses_dropped, pool_match.
+
+Parameters (``app_start`` params): ``role`` ("initiator" on the transmitter, "responder"
+on the receiver), ``peer`` (a neighbour over a link with QKD), ``duration_s`` and/or
+``key_bits`` (at least one, initiator), ``block_key_bits`` (10^4 .. 2^24, default 10^6),
+``cascade`` (nodes.qkd.cascade.CascadeVariant value), ``epsilon_sec``, ``epsilon_cor``,
+``qber_threshold``, ``sample_fraction``; rarely needed: ``peer_app``, ``max_lag_s``
+(default 2 emulated s), ``announce_interval_s`` (default 0.05), ``retry_s``,
+``max_start_attempts``, ``end_wait_s``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import math
+import zlib
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+
+from emulator.kernels import ChoiceThresholds, get_backend
+from emulator.physics import DecoyIntensities, IntensityClass, PhysicsParameterError
+from emulator.wire import Error, Message, Ok, QkdDetections, QkdEmitted, QkdLinkInfo, QkdListen, QkdStart
+from emulator.wire import QkdStop, QkdStopped
+from nodes.qkd.cascade import CascadeVariant
+from nodes.qkd.estimation import EstimationError, EstimationParameters
+from nodes.qkd.keypool import KeyPool
+from nodes.qkd.session import (
+    BlockAborted,
+    BlockDiscarded,
+    BlockSifted,
+    EavesdropperAlarmRaised,
+    Envelope,
+    KeyAdded,
+    PayloadError,
+    QkdLinkAlice,
+    QkdLinkBob,
+    QkdSessionConfig,
+    QkdSessionError,
+    message_from_payload,
+    payload_bytes,
+)
+from nodes.qkd.sifting import DetectionWindow
+
+from .base import App, AppContext, AppParamError, AppState
+
+__all__ = ["QkdApp", "QkdParams", "QkdRole"]
+
+_MAX_KEY_BITS = 1 << 40
+_SALT_BYTES = 16
+
+
+class QkdRole(enum.Enum):
+    INITIATOR = "initiator"  # the transmitter (Alice)
+    RESPONDER = "responder"  # the receiver (Bob)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QkdParams:
+    role: QkdRole
+    peer: str
+    duration_s: float | None
+    key_bits: int | None
+    block_key_bits: int
+    cascade: CascadeVariant
+    epsilon_sec: float
+    epsilon_cor: float
+    qber_threshold: float
+    sample_fraction: float
+    peer_app: str
+    max_lag_s: float
+    announce_interval_s: float
+    retry_s: float
+    max_start_attempts: int
+    end_wait_s: float
+    seed: int | None
+
+
+def _number(params: Mapping[str, Any], key: str, default: float | None, lo: float, hi: float) -> float | None:
+    value = params.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AppParamError(key, f"must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (lo <= value <= hi and math.isfinite(value)):
+        raise AppParamError(key, f"must be in [{lo:g}, {hi:g}], got {value!r}")
+    return value
+
+
+def _integer(params: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = params.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AppParamError(key, f"must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise AppParamError(key, f"must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
+
+
+class QkdApp(App):
+    """One end of a QKD link run (see the module docstring)."""
+
+    KIND = "qkd"
+
+    @classmethod
+    def parse_params(cls, params: Mapping[str, Any], ctx: AppContext) -> QkdParams:
+        known = {f.name for f in dataclasses.fields(QkdParams)}
+        for key in params:
+            if key not in known:
+                raise AppParamError(str(key)[:64], "unknown parameter")
+        try:
+            role = QkdRole(params.get("role"))
+        except ValueError:
+            raise AppParamError("role", "must be 'initiator' or 'responder'") from None
+        peer = params.get("peer")
+        if not isinstance(peer, str) or not peer:
+            raise AppParamError("peer", "must be a node name")
+        link = ctx.links.get(peer)
+        if link is None:
+            raise AppParamError("peer", f"{peer[:64]!r} is not a neighbour of {ctx.node!r}")
+        info = link.qkd
+        if info is None:
+            raise AppParamError("peer", f"the link to {peer!r} has no QKD optical layer")
+        transmitter = ctx.node if role is QkdRole.INITIATOR else peer
+        if info.transmitter != transmitter:
+            raise AppParamError(
+                "role", f"the initiator must run on the link's transmitter {info.transmitter!r}, not {transmitter!r}"
+            )
+        if info.auth_key is None or (role is QkdRole.INITIATOR and info.alice_key is None):
+            raise AppParamError("peer", "the broker gave this node no keys for the link")
+        duration_s = _number(params, "duration_s", None, 0.0, 1e9)
+        key_bits = _integer(params, "key_bits", None, 1, _MAX_KEY_BITS)
+        if role is QkdRole.INITIATOR and duration_s is None and key_bits is None:
+            raise AppParamError("duration_s", "give duration_s, key_bits or both")
+        try:
+            cascade = CascadeVariant(params.get("cascade", CascadeVariant.ORIGINAL.value))
+        except ValueError:
+            raise AppParamError("cascade", f"must be one of {[v.value for v in CascadeVariant]}") from None
+        peer_app = params.get("peer_app", ctx.name)
+        if not isinstance(peer_app, str) or not peer_app:
+            raise AppParamError("peer_app", "must be an app instance name")
+        retry_s = _number(params, "retry_s", 0.5 / ctx.time_scale, 1e-6, 1e6)
+        assert retry_s is not None
+        parsed = QkdParams(
+            role=role,
+            peer=peer,
+            duration_s=duration_s,
+            key_bits=key_bits,
+            block_key_bits=_integer(params, "block_key_bits", 1_000_000, 10_000, 1 << 24) or 1_000_000,
+            cascade=cascade,
+            epsilon_sec=_number(params, "epsilon_sec", 1e-10, 1e-300, 0.5) or 1e-10,
+            epsilon_cor=_number(params, "epsilon_cor", 1e-15, 1e-300, 0.5) or 1e-15,
+            qber_threshold=_number(params, "qber_threshold", 0.11, 0.0, 0.5) or 0.0,
+            sample_fraction=_number(params, "sample_fraction", 0.05, 1e-6, 0.5) or 0.05,
+            peer_app=peer_app,
+            max_lag_s=_number(params, "max_lag_s", 2.0, 0.0, 1e9) or 0.0,
+            announce_interval_s=_number(params, "announce_interval_s", 0.05, 0.0, 1e3) or 0.0,
+            retry_s=retry_s,
+            max_start_attempts=_integer(params, "max_start_attempts", 40, 1, 10_000) or 40,
+            end_wait_s=_number(params, "end_wait_s", 5.0 / ctx.time_scale, 0.0, 1e6) or 0.0,
+            seed=_integer(params, "seed", None, 0, 2**63 - 1),
+        )
+        try:
+            cls._session_config(parsed, info)
+        except (EstimationError, PhysicsParameterError, QkdSessionError, ValueError) as exc:
+            raise AppParamError("peer", f"the link's QKD parameters do not suit estimation: {exc}") from None
+        return parsed
+
+    @staticmethod
+    def _session_config(p: QkdParams, info: QkdLinkInfo) -> QkdSessionConfig:
+        intensities = DecoyIntensities(info.mu_signal, info.mu_decoy, info.mu_vacuum)
+        estimation = EstimationParameters(
+            intensities, qber_threshold=p.qber_threshold, epsilon_sec=p.epsilon_sec, epsilon_cor=p.epsilon_cor
+        )
+        return QkdSessionConfig(
+            estimation, block_key_bits=p.block_key_bits, cascade_variant=p.cascade,
+            sample_fraction=p.sample_fraction, announce_interval_s=p.announce_interval_s,
+        )  # fmt: skip
+
+    def __init__(self, ctx: AppContext, params: QkdParams) -> None:
+        super().__init__(ctx, params)
+        self.p = params
+        info = ctx.links[params.peer].qkd
+        assert info is not None and info.auth_key is not None
+        self.info = info
+        base = params.seed if params.seed is not None else ctx.seed
+        self._rng = np.random.default_rng(
+            [base & 0xFFFFFFFFFFFFFFFF, zlib.crc32(ctx.node.encode()), zlib.crc32(ctx.name.encode())]
+        )
+        pool = ctx.key_pools.pool(params.peer) if ctx.key_pools is not None else KeyPool(params.peer)
+        self.pool = pool
+        self._pool_bits_at_start = pool.bits_added
+        config = self._session_config(params, info)
+        backend = get_backend()
+        self.session: QkdLinkAlice | QkdLinkBob
+        if params.role is QkdRole.INITIATOR:
+            assert info.alice_key is not None
+            thresholds = ChoiceThresholds(
+                signal=info.threshold_signal, signal_or_decoy=info.threshold_signal_or_decoy,
+                basis_z=info.threshold_basis_z,
+            )  # fmt: skip
+            self.session = QkdLinkAlice(
+                int.from_bytes(info.alice_key, "little"), thresholds, config,
+                bootstrap_key=info.auth_key, rng=self._rng, pool=pool, backend=backend,
+            )  # fmt: skip
+        else:
+            self.session = QkdLinkBob(config, bootstrap_key=info.auth_key, rng=self._rng, pool=pool, backend=backend)
+        # lifecycle
+        self._listening = False  # Bob: listen acknowledged
+        self._start_asked = False  # Bob: Alice asked before the listen was acknowledged
+        self._ready = False  # Alice: Bob is listening
+        self._attempts = 0
+        self._started_s: float | None = None  # emission began (qkd_start answered)
+        self._stop_sent = False
+        self._stopped_s: float | None = None  # qkd_stopped seen
+        self._stopped_reason: str | None = None
+        self._drained = False  # Alice: Bob announced everything
+        self._end_sent_s: float | None = None
+        self._pool_match: bool | None = None
+        self._salt = b""
+        # metrics
+        self._pulses_dropped = 0
+        self._detections_dropped = 0
+        self._windows = 0
+        self._key_sifted = [0, 0]  # signal disclosed bits, key basis / test basis
+        self._key_errors = [0, 0]
+        self._last_block_qber: float | None = None
+        self._last_alarm: str | None = None
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def _alice(self) -> bool:
+        return self.p.role is QkdRole.INITIATOR
+
+    def _on_start(self, now: float) -> None:
+        if self._alice:
+            self._ask_start(now)
+        else:
+            self._request("listen", QkdListen(peer=self.p.peer, accept=True))
+
+    def _ask_start(self, now: float) -> None:
+        self._attempts += 1
+        self._send_peer(self.p.peer, self.p.peer_app, {"op": "start"})
+        self._set_timer(now + self.p.retry_s)
+
+    def _on_reply(self, tag: Hashable, message: Message, now: float) -> None:
+        if isinstance(message, Error):
+            if tag == "listen" and not self._alice:
+                self._send_peer(self.p.peer, self.p.peer_app, {"op": "error", "code": message.code})
+            self._fail(f"broker refused {tag}: {message.code}: {message.message[:200]}", now)
+            return
+        if not isinstance(message, Ok):
+            return
+        if tag == "listen" and not self._listening:
+            self._listening = True
+            if self._start_asked:
+                self._send_peer(self.p.peer, self.p.peer_app, {"op": "ready"})
+        elif tag == "qkd_start" and self._started_s is None:
+            self._started_s = now
+            self._timer = None
+            if self.p.duration_s is not None:
+                self._set_timer(now + self.p.duration_s)
+        elif tag == "unlisten":
+            self._finish(now)
+
+    def _on_event(self, message: Message, now: float) -> None:
+        if isinstance(message, QkdDetections) and not self._alice:
+            self._windows += 1
+            if now - message.now_s > self.p.max_lag_s:
+                self._pulses_dropped += message.end_pulse - message.first_pulse
+                self._detections_dropped += len(message.pulse)
+                return
+            window = DetectionWindow.from_detections(message.first_pulse, message.end_pulse, message)
+            assert isinstance(self.session, QkdLinkBob)
+            self.session.add_detections(window, now)
+            self._after_session(now)
+        elif isinstance(message, QkdEmitted) and self._alice:
+            assert isinstance(self.session, QkdLinkAlice)
+            self.session.on_emitted(message.end_pulse)
+        elif isinstance(message, QkdStopped):
+            self._on_stopped(message, now)
+
+    def _on_stopped(self, message: QkdStopped, now: float) -> None:
+        if self._stopped_s is None:
+            self._stopped_s = now
+            self._stopped_reason = message.reason
+        if message.reason != "stopped":
+            self._fail(f"the QKD link stopped: {message.reason}", now)
+            return
+        if not self._alice:
+            assert isinstance(self.session, QkdLinkBob)
+            self.session.flush(now)
+            self._after_session(now)
+            self._send_peer(self.p.peer, self.p.peer_app, {"op": "drained"})
+        else:
+            self._maybe_end(now)
+
+    def _on_peer_message(self, peer: str, body: Mapping[str, Any], now: float) -> None:
+        if peer != self.p.peer:
+            return
+        op = body.get("op")
+        if op == "pp":
+            self._receive_envelope(body, now)
+        elif op == "start" and not self._alice:
+            self._start_asked = True
+            if self._listening:
+                self._send_peer(self.p.peer, self.p.peer_app, {"op": "ready"})
+        elif op == "ready" and self._alice and not self._ready:
+            self._ready = True
+            self._timer = None
+            self._request("qkd_start", QkdStart(peer=self.p.peer))
+        elif op == "error" and self._alice:
+            self._fail(f"the receiver could not listen: {str(body.get('code'))[:64]}", now)
+        elif op == "drained" and self._alice:
+            self._drained = True
+            self._maybe_end(now)
+        elif op == "end" and not self._alice:
+            self._check_end(body, now)
+        elif op == "ended" and self._alice:
+            match = body.get("match")
+            self._pool_match = match if isinstance(match, bool) else None
+            self._finish(now)
+
+    def _receive_envelope(self, body: Mapping[str, Any], now: float) -> None:
+        seq, raw, tag = body.get("seq"), body.get("msg"), body.get("tag")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(raw, bytes) or not isinstance(tag, bytes):
+            self._count_bad_envelope("envelope fields of the wrong type")
+            return
+        try:
+            message = message_from_payload(raw)
+        except PayloadError as exc:
+            self._count_bad_envelope(exc.message)
+            return
+        self.session.receive(Envelope(seq, message, tag), now)
+        self._after_session(now)
+
+    def _count_bad_envelope(self, reason: str) -> None:
+        self.session.reject_unreadable(reason)
+        while (event := self.session.next_event()) is not None:
+            self._note(event)
+
+    def _on_timer(self, now: float) -> None:
+        if self._alice and not self._ready:
+            if self._attempts >= self.p.max_start_attempts:
+                self._fail(f"the receiver did not get ready after {self._attempts} attempts", now)
+            else:
+                self._ask_start(now)
+        elif self._alice and self._started_s is not None and not self._stop_sent and self._stopped_s is None:
+            self._stop(now)
+        elif self._end_sent_s is not None:
+            self._finish(now)  # Bob never answered the pool check: pool_match stays unknown
+
+    # ------------------------------------------------------------------ the session
+
+    def _after_session(self, now: float) -> None:
+        """Send what the session sealed, digest its events, stop or end when due."""
+        for env in self.session.messages_to_send():
+            self._send_peer(
+                self.p.peer, self.p.peer_app,
+                {"op": "pp", "seq": env.seq, "msg": payload_bytes(env.message), "tag": env.tag},
+            )  # fmt: skip
+        while (event := self.session.next_event()) is not None:
+            self._note(event)
+        if self._alice:
+            target = self.p.key_bits
+            if target is not None and self.pool.bits_added - self._pool_bits_at_start >= target and not self._stop_sent:
+                self._stop(now)
+            self._maybe_end(now)
+
+    def _note(self, event: object) -> None:
+        if isinstance(event, BlockSifted):
+            c = event.counts
+            sig = int(IntensityClass.SIGNAL)
+            for i, basis in enumerate((c.key_basis, 1 - c.key_basis)):
+                self._key_sifted[i] += c.disclosed[sig][basis]
+                self._key_errors[i] += c.errors[sig][basis]
+            d = c.disclosed[sig][c.key_basis]
+            self._last_block_qber = c.errors[sig][c.key_basis] / d if d else None
+        elif isinstance(event, EavesdropperAlarmRaised):
+            self._last_alarm = str(getattr(event.alarm, "reason", event.alarm))[:200]
+        elif isinstance(event, BlockAborted | BlockDiscarded | KeyAdded):
+            pass  # counted by the session's statistics
+
+    def _stop(self, now: float) -> None:
+        self._stop_sent = True
+        self._request("qkd_stop", QkdStop(peer=self.p.peer))
+
+    def _maybe_end(self, now: float) -> None:
+        """Alice: the link stopped, Bob drained, no block under way -> compare pools, end."""
+        s = self.session
+        if (
+            self._stopped_s is None or not self._drained or self._end_sent_s is not None
+            or s.blocks_in_progress or s.messages_waiting or self.state is not AppState.RUNNING
+        ):  # fmt: skip
+            return
+        self._salt = self._rng.bytes(_SALT_BYTES)
+        check = hashlib.sha256(self._salt + self.pool.digest()).digest()
+        self._send_peer(self.p.peer, self.p.peer_app, {"op": "end", "salt": self._salt, "check": check})
+        self._end_sent_s = now
+        self._set_timer(now + self.p.end_wait_s)
+
+    def _check_end(self, body: Mapping[str, Any], now: float) -> None:
+        salt, check = body.get("salt"), body.get("check")
+        if not isinstance(salt, bytes) or not isinstance(check, bytes):
+            match = False
+        else:
+            mine = hashlib.sha256(salt + self.pool.digest()).digest()
+            match = hmac.compare_digest(mine, check)
+        self._pool_match = match
+        self._send_peer(self.p.peer, self.p.peer_app, {"op": "ended", "match": match})
+        self._request("unlisten", QkdListen(peer=self.p.peer, accept=False))
+
+    # ------------------------------------------------------------------ outputs
+
+    def results(self) -> dict[str, Any]:
+        st = self.session.statistics()
+        if self._started_s is not None or not self._alice:
+            end = self._stopped_s if self._stopped_s is not None else self._t_last
+            start = self._started_s if self._started_s is not None else self._t_start
+            running_s = max(0.0, (end or 0.0) - (start or 0.0))
+        else:
+            running_s = 0.0
+        final = self.pool.bits_added - self._pool_bits_at_start
+        qber = [e / n if n else None for e, n in zip(self._key_errors, self._key_sifted, strict=True)]
+        return {
+            "role": self.p.role.value,
+            "final_key_bits": final,
+            "secret_key_rate_bps": final / running_s if running_s > 0 else 0.0,
+            "running_s": running_s,
+            "qber": qber[0],
+            "qber_x": qber[1],
+            "qber_last_block": self._last_block_qber,
+            "qber_per_intensity": [_nan_to_none(q) for q in st.qber_per_intensity],
+            "sifted_bits": st.sifted_bits,
+            "detections": st.detections,
+            "pulses": st.pulses,
+            "blocks_done": st.blocks_done,
+            "blocks_aborted": st.blocks_aborted,
+            "blocks_discarded": st.blocks_discarded,
+            "alarms": st.alarms,
+            "last_alarm": self._last_alarm,
+            "cascade_efficiency": _nan_to_none(st.cascade_efficiency),
+            "single_photon_yield_lower": _nan_to_none(st.single_photon_yield_lower),
+            "single_photon_error_upper": _nan_to_none(st.single_photon_error_upper),
+            "key_rate_per_pulse": st.secret_key_rate_per_pulse,
+            "leaked_bits": st.leaked_bits,
+            "frame_errors": st.frame_errors,
+            "auth_rejects": st.auth_rejects,
+            "protocol_rejects": st.protocol_rejects,
+            "auth_refills": st.auth_refills,
+            "detections_dropped": self._detections_dropped,
+            "pulses_dropped": self._pulses_dropped,
+            "pool_bits_available": self.pool.bits_available,
+            "pool_match": self._pool_match,
+            "stopped": self._stopped_reason,
+        }
