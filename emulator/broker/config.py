@@ -13,8 +13,10 @@ core relies on (unique node names, links between known, distinct nodes, physical
 possible T1/T2, probabilities in range) and raises `ConfigError`.
 
 A link may carry a QKD optical layer (`QkdConfig`: the `OpticalLinkConfig` of
-emulator.broker.optics plus which end transmits). It is read from the link's `qkd`
-mapping by `qkd_config_from_mapping`, which `from_scenario` calls when a link has one.
+emulator.broker.optics plus which end transmits). `from_scenario` builds it from the
+scenario link's `qkd` section (emulator.scenario.schema `QkdLink`: field by field, the
+fibre's length and attenuation being the link's); `qkd_config_from_mapping` reads the
+same from a plain mapping (hand-built configurations and tests).
 """
 
 from __future__ import annotations
@@ -199,8 +201,8 @@ def qkd_config_from_mapping(
     `transmitter` (default: the first endpoint). `intensities` and
     `class_probabilities` are (signal, decoy, vacuum) triples or maps with those keys.
 
-    The pydantic scenario schema does not know `qkd` yet (a later change adds it);
-    until then only configurations built from a plain dict (and tests) use this.
+    `from_scenario` maps the scenario's `QkdLink` model directly (`_qkd_config_from_link`)
+    and uses this only when a link's `qkd` is a plain mapping.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"qkd must be a mapping, got {type(raw).__name__}")
@@ -383,8 +385,9 @@ def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
 
     Duck-typed on purpose (no pydantic import): nodes is a mapping name -> node with
     `.memory.{qubits, t1_s, t2_s, gate_fidelity}`; links have `.endpoints`, `.length_km`,
-    `.attenuation_db_per_km`, `.classical.{jitter_s, udp_loss}` and `.entanglement`
-    (None or `.{scheme, detector_efficiency, visibility, bright_state_alpha}`).
+    `.attenuation_db_per_km`, `.classical.{jitter_s, udp_loss}`, `.entanglement`
+    (None or `.{scheme, detector_efficiency, visibility, bright_state_alpha}`) and `.qkd`
+    (None, a `QkdLink`-like object or a mapping; see `_qkd_config_from_link`).
     """
     nodes = []
     for name, node in scenario.nodes.items():
@@ -414,17 +417,7 @@ def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
                 bright_state_alpha=0.1 if alpha is None else float(alpha),
             )
         a, b = link.endpoints
-        qkd_raw = getattr(link, "qkd", None)  # not in the pydantic schema yet (see qkd_config_from_mapping)
-        if qkd_raw is not None and hasattr(qkd_raw, "model_dump"):
-            qkd_raw = qkd_raw.model_dump(exclude_none=True)
-        qkd_cfg = None
-        if qkd_raw is not None:
-            qkd_cfg = qkd_config_from_mapping(
-                qkd_raw,
-                endpoints=(str(a), str(b)),
-                length_km=float(link.length_km),
-                attenuation_db_per_km=float(link.attenuation_db_per_km),
-            )
+        qkd_cfg = None if getattr(link, "qkd", None) is None else _qkd_config_from_link(link)
         links.append(
             LinkConfig(
                 endpoints=(str(a), str(b)),
@@ -443,3 +436,47 @@ def _config_from_scenario(scenario: Any, limits: BrokerLimits) -> BrokerConfig:
         time_scale=float(scenario.time_scale),
         limits=limits,
     )
+
+
+def _qkd_config_from_link(link: Any) -> QkdConfig:
+    """A scenario link's `qkd` section -> QkdConfig (ConfigError naming the link on bad values).
+
+    Duck-typed on emulator.scenario.schema `QkdLink`: `.transmitter` (None: the first
+    endpoint), `.pulse_rate_hz`, `.intensities.{signal, decoy, vacuum}`,
+    `.class_probabilities.{signal, decoy, vacuum}`, `.basis_z_probability`,
+    `.bob_basis_z_probability` (None: Alice's), `.receiver_efficiency`,
+    `.dark_count_probability`, `.misalignment_error`, `.dead_time_s`. The fibre
+    (`length_km`, `attenuation_db_per_km`) is the link's. A plain mapping goes through
+    `qkd_config_from_mapping`.
+    """
+    a, b = (str(e) for e in link.endpoints)
+    q = link.qkd
+    if isinstance(q, Mapping):
+        return qkd_config_from_mapping(
+            q, endpoints=(a, b), length_km=float(link.length_km),
+            attenuation_db_per_km=float(link.attenuation_db_per_km),
+        )  # fmt: skip
+    intensities, probabilities = q.intensities, q.class_probabilities
+    bob_z = q.bob_basis_z_probability
+    try:
+        optics = OpticalLinkConfig(
+            length_km=float(link.length_km),
+            pulse_rate_hz=float(q.pulse_rate_hz),
+            intensities=DecoyIntensities(
+                float(intensities.signal), float(intensities.decoy), float(intensities.vacuum)
+            ),
+            class_probabilities=(
+                float(probabilities.signal), float(probabilities.decoy), float(probabilities.vacuum)
+            ),
+            basis_z_probability=float(q.basis_z_probability),
+            bob_basis_z_probability=None if bob_z is None else float(bob_z),
+            attenuation_db_per_km=float(link.attenuation_db_per_km),
+            receiver_efficiency=float(q.receiver_efficiency),
+            dark_count_probability=float(q.dark_count_probability),
+            misalignment_error=float(q.misalignment_error),
+            dead_time_s=float(q.dead_time_s),
+        )
+    except (OpticalLinkError, PhysicsParameterError, ValueError) as exc:
+        raise ConfigError(f"link {(a, b)!r}: qkd: {exc}") from None
+    transmitter = a if q.transmitter is None else str(q.transmitter)
+    return QkdConfig(transmitter=transmitter, optics=optics)

@@ -1,17 +1,23 @@
 """Console output of a run: a live progress display and the final summary (DESIGN §11).
 
 Theory of operation: `RunProgress` wraps a rich `Progress` with one bar for the
-emulated clock (elapsed / scenario duration) and one bar per app (pairs measured /
-pairs requested, with the app's rate). It is fed snapshots by the orchestrator; when
-`live` is false (``--quiet``, or stdout is not a terminal) every call is a no-op, so the
-caller never branches. `print_summary` renders a `results.json` document (the dict, so a
-stored report can be re-rendered) as two tables — apps with their metrics, and
-expectations with pass/fail — followed by a one-line verdict.
+emulated clock (elapsed / scenario duration) and one bar per app, described by an
+`AppBar`: an epr-test app counts pairs measured / pairs requested, a qkd app final key
+bits / `key_bits` requested or, when it runs for a `duration` only, its running time
+against that duration (the count then shows the key bits so far); each with the app's
+rate. It is fed snapshots by the orchestrator; when `live` is false (``--quiet``, or
+stdout is not a terminal) every call is a no-op, so the caller never branches.
+`print_summary` renders a `results.json` document (the dict, so a stored report can be
+re-rendered) as two tables — apps with their metrics (the columns of the app kinds
+present: pairs, fidelity, CHSH and rate for epr-test; key bits, key rate, QBERs and
+Cascade efficiency for qkd), and expectations with pass/fail — followed by a one-line
+verdict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -20,16 +26,40 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["RunProgress", "format_metric", "print_summary", "summary_tables"]
+__all__ = ["AppBar", "RunProgress", "format_metric", "print_summary", "summary_tables"]
 
-# Metric columns of the app table, in display order, with their headers.
-_METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
+# Metric columns of the app table, in display order, with their headers: those of
+# entanglement apps (every kind but qkd), those of qkd apps, then those of every app.
+_EPR_COLUMNS: tuple[tuple[str, str], ...] = (
     ("pairs_measured", "pairs"),
     ("fidelity", "fidelity"),
     ("chsh", "CHSH"),
     ("pair_rate_hz", "rate (Hz)"),
-    ("wall_s", "wall (s)"),
 )
+_QKD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("final_key_bits", "key bits"),
+    ("secret_key_rate_bps", "key rate (bit/s)"),
+    ("qber", "QBER"),
+    ("qber_x", "QBER X"),
+    ("cascade_efficiency", "f"),
+    ("alarms", "alarms"),
+)
+_COMMON_COLUMNS: tuple[tuple[str, str], ...] = (("wall_s", "wall (s)"),)
+
+
+@dataclass(frozen=True, slots=True)
+class AppBar:
+    """How one app's progress bar counts.
+
+    `total`: the amount requested (pairs, key bits), or with `by_time` the emulated
+    seconds the app runs; `unit`: what the count counts (`pairs`, `bits`), also the
+    rate's unit per emulated second.
+    """
+
+    name: str
+    total: float
+    unit: str = "pairs"
+    by_time: bool = False
 
 
 def format_metric(value: Any, stderr: Any = None) -> str:
@@ -54,7 +84,7 @@ class RunProgress:
     def __init__(
         self,
         console: Console,
-        apps: Sequence[tuple[str, int]],
+        apps: Sequence[AppBar | tuple[str, int]],
         *,
         duration_s: float,
         live: bool,
@@ -62,7 +92,8 @@ class RunProgress:
         self._live = live
         self._duration_s = duration_s
         self._tasks: dict[str, TaskID] = {}
-        self._totals: dict[str, int] = dict(apps)
+        bars = [a if isinstance(a, AppBar) else AppBar(a[0], a[1]) for a in apps]
+        self._bars: dict[str, AppBar] = {b.name: b for b in bars}
         self._clock_task: TaskID | None = None
         self._progress: Progress | None = None
         if not live:
@@ -80,10 +111,10 @@ class RunProgress:
         self._clock_task = self._progress.add_task(
             "emulated time", total=max(duration_s, 1e-9), note="waiting for nodes", count="", start=True
         )
-        for name, total in apps:
-            self._tasks[name] = self._progress.add_task(
-                name, total=max(total, 1), note="pending", count=f"0/{total}"
-            )
+        for bar in bars:
+            count = f"0 {bar.unit}" if bar.by_time else f"0/{_amount(bar.total)}"
+            total = max(bar.total, 1e-9) if bar.by_time else max(bar.total, 1)
+            self._tasks[bar.name] = self._progress.add_task(bar.name, total=total, note="pending", count=count)
 
     def __enter__(self) -> RunProgress:
         if self._progress is not None:
@@ -114,17 +145,31 @@ class RunProgress:
                 note=f"{elapsed_s:.3g} s / {self._duration_s:.3g} s",
             )
 
-    def update_app(self, name: str, *, measured: int | None, state: str, rate_hz: float | None) -> None:
+    def update_app(
+        self, name: str, *, measured: int | None, state: str, rate_hz: float | None, running_s: float | None = None
+    ) -> None:
+        """`measured`: the amount so far; `running_s`: emulated seconds since the app started
+        (what a bar `by_time` shows)."""
         if self._progress is None or name not in self._tasks:
             return
+        bar = self._bars[name]
         note = state
         if rate_hz is not None:
-            note += f"  {rate_hz:.4g} pairs/s (emulated)"
+            note += f"  {rate_hz:.4g} {bar.unit}/s (emulated)"
         fields: dict[str, Any] = {"note": note}
-        if measured is not None:
+        if bar.by_time:
+            if running_s is not None:
+                fields["completed"] = min(running_s, bar.total)
+            if measured is not None:
+                fields["count"] = f"{measured} {bar.unit}"
+        elif measured is not None:
             fields["completed"] = measured
-            fields["count"] = f"{measured}/{self._totals[name]}"
+            fields["count"] = f"{measured}/{_amount(bar.total)}"
         self._progress.update(self._tasks[name], **fields)
+
+
+def _amount(total: float) -> str:
+    return str(int(total)) if float(total).is_integer() else f"{total:g}"
 
 
 def summary_tables(results: Mapping[str, Any]) -> list[Table]:
@@ -134,15 +179,18 @@ def summary_tables(results: Mapping[str, Any]) -> list[Table]:
     apps_table.add_column("kind")
     apps_table.add_column("nodes")
     apps_table.add_column("state")
-    for _, header in _METRIC_COLUMNS:
+    apps = results.get("apps") or {}
+    kinds = {str(app.get("kind", "")) for app in apps.values()}
+    columns = list(_EPR_COLUMNS) if (kinds - {"qkd"}) or not kinds else []
+    columns += list(_QKD_COLUMNS) if "qkd" in kinds else []
+    columns += _COMMON_COLUMNS
+    for _, header in columns:
         apps_table.add_column(header, justify="right")
-    for name, app in (results.get("apps") or {}).items():
+    for name, app in apps.items():
         metrics = app.get("metrics") or {}
         state = app.get("state", "?")
         style = {"done": "green", "failed": "red"}.get(state, "yellow")
-        cells = [
-            format_metric(metrics.get(key), metrics.get(f"{key}_stderr")) for key, _ in _METRIC_COLUMNS
-        ]
+        cells = [format_metric(metrics.get(key), metrics.get(f"{key}_stderr")) for key, _ in columns]
         apps_table.add_row(
             escape(name), escape(str(app.get("kind", ""))), escape(" ↔ ".join(app.get("nodes", []))),
             f"[{style}]{escape(str(state))}", *cells,

@@ -45,6 +45,8 @@ class EventKind(enum.StrEnum):
     APP_FAILED = "app_failed"
     FAULT_APPLIED = "fault_applied"  # a scenario fault took effect (node down/frozen, link cut)
     FAULT_REVERTED = "fault_reverted"  # ... and was undone (node restarted/thawed, link restored)
+    QKD_BLOCK = "qkd_block"  # a qkd app finished a block: key, aborted or discarded (counts only)
+    QKD_ALARM = "qkd_alarm"  # ... and estimation raised the eavesdropper alarm on it
     EXPECTATION = "expectation"
     RUN_FINISHED = "run_finished"
 

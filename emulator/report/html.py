@@ -13,11 +13,15 @@ document (already redacted by its writer) and the `scenario_to_dict` form saved 
   model's mean pair rate p/T as a dashed line starting at the app's start.
 * `fidelity.png`: each app's estimated fidelity and CHSH value with ±1 standard error
   bars, against the model values when the model applies (see below).
-* `report.html`: run summary, apps (metrics ± standard error, with model values),
-  expectations (PASS/FAIL), links (with the model's p, T, p/T, F), nodes, then the
-  plots. Inline CSS only: no JavaScript, no external resource. Every string taken from
-  the dicts goes through `html.escape`, and `$` is escaped in plot labels so no name
-  reaches matplotlib's mathtext parser.
+* `qkd.png` (only when the run has a `qkd` app): final key bits and QBER (both bases)
+  against emulated time per qkd app, with the app's QBER threshold and the windows in
+  which an eavesdropper fault was in force shaded.
+* `report.html`: run summary, apps (metrics ± standard error, with model values;
+  qkd apps in a table of their own), expectations (PASS/FAIL), faults, links (with the
+  model's p, T, p/T, F; QKD links in a table of their own with the optics, the broker's
+  counts and what Eve did), nodes, then the plots. Inline CSS only: no JavaScript, no
+  external resource. Every string taken from the dicts goes through `html.escape`, and
+  `$` is escaped in plot labels so no name reaches matplotlib's mathtext parser.
 
 Model values come from `emulator.physics` (`double_click_model`, `single_click_model`,
 `chsh_werner`) and the scenario's link parameters. The pair rate p/T holds for any
@@ -25,6 +29,15 @@ scheme. The state model is the no-wait Werner state of a double-click link,
 F = (1+3V)/4 and S = 2√2(4F−1)/3; it is shown only when the app measures at once
 (`wait` 0) and both memories are ideal (T1 = T2 = ∞, gate fidelity 1): memory
 decoherence and gate noise are not part of that formula.
+
+QKD reference values come from `emulator.physics` too (`DecoyBb84Parameters`,
+`asymptotic_key_rate`, `max_distance_km`; vacuum + weak decoy bounds on the expected
+statistics, f = 1.22): per link, Ma et al.'s asymptotic rate per pulse with q = 1/2 and
+the length at which it reaches zero (Ma, Qi, Zhao & Lo, PRA 72, 012326 (2005), Sec. V);
+per qkd app, the asymptotic limit of what its configuration keeps per pulse: only
+signal pulses, only the Z basis at both ends, minus the QBER sample,
+R = p_signal p_Z,A p_Z,B (1 - r) [Q1 (1 - H2(e1)) - f Q_mu H2(E_mu)], which the app's
+finite-key `key_rate_per_pulse` approaches from below as its blocks grow.
 
 A plot without data (no series, no fidelity) is not drawn and the page says why; a
 PNG left over from an earlier rendering of the same directory is removed. Plots use
@@ -41,17 +54,19 @@ import html
 import json
 import math
 import os
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "PLOT_FILES", "REPORT_FILE", "AppModel", "app_model", "link_model", "load_run_dir", "render_run_dir",
-    "write_report",
+    "PLOT_FILES", "QKD_PLOT_FILES", "REPORT_FILE", "AppModel", "QkdLinkModel", "app_model", "link_model",
+    "load_run_dir", "qkd_app_model", "qkd_link_model", "render_run_dir", "write_report",
 ]  # fmt: skip
 
 REPORT_FILE = "report.html"
 PLOT_FILES = ("topology.png", "pairs.png", "fidelity.png")
+QKD_PLOT_FILES = ("qkd.png",)  # drawn (and mentioned) only when the run has a qkd app
 
 _INF = math.inf
 
@@ -217,6 +232,107 @@ def app_model(scenario: Mapping[str, Any], name: str, app: Mapping[str, Any]) ->
     return AppModel(rate, model.fidelity, chsh_werner(model.fidelity))
 
 
+# --------------------------------------------------------------------------- QKD model values
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QkdLinkModel:
+    """Asymptotic reference values of a QKD link (None where they cannot be computed).
+
+    `rate_per_signal_pulse`: Ma et al.'s R with q = 1/2 at the link's length (vacuum + weak
+    decoy bounds, f = 1.22); `zero_key_km`: the length where it reaches zero; the rest are
+    the link's choices the per-app value needs. Dead time is not part of the model.
+    """
+
+    rate_per_signal_pulse: float
+    zero_key_km: float
+    p_signal: float
+    basis_z_alice: float
+    basis_z_bob: float
+    pulse_rate_hz: float
+
+
+def _triple(value: Any, defaults: Sequence[float]) -> tuple[float, float, float] | None:
+    m = _mapping(value)
+    out = []
+    for key, default in zip(("signal", "decoy", "vacuum"), defaults, strict=True):
+        x = _finite(m.get(key, default))
+        if x is None:
+            return None
+        out.append(x)
+    return (out[0], out[1], out[2])
+
+
+def qkd_link_model(link: Mapping[str, Any]) -> QkdLinkModel | None:
+    """Reference values of a scenario link (dict form) with a `qkd` section, else None."""
+    from emulator.physics import (
+        DecoyBb84Parameters,
+        DecoyIntensities,
+        PhysicsParameterError,
+        asymptotic_key_rate,
+        max_distance_km,
+    )
+    from emulator.scenario import qkd_params as d
+
+    if not isinstance(link.get("qkd"), Mapping):
+        return None
+    q = _mapping(link.get("qkd"))
+    # Missing values are the schema defaults (emulator.scenario.qkd_params, Link).
+    numbers = [
+        _finite(q.get(key, default))
+        for key, default in (
+            ("receiver_efficiency", d.DEFAULT_RECEIVER_EFFICIENCY),
+            ("dark_count_probability", d.DEFAULT_DARK_COUNT_PROBABILITY),
+            ("misalignment_error", d.DEFAULT_MISALIGNMENT_ERROR),
+            ("basis_z_probability", d.DEFAULT_BASIS_Z_PROBABILITY),
+            ("pulse_rate_hz", d.DEFAULT_PULSE_RATE_HZ),
+        )
+    ] + [_finite(link.get("length_km")), _finite(link.get("attenuation_db_per_km", 0.2))]
+    intensities = _triple(q.get("intensities"), d.DEFAULT_INTENSITIES)
+    probabilities = _triple(q.get("class_probabilities"), d.DEFAULT_CLASS_PROBABILITIES)
+    if intensities is None or probabilities is None or any(x is None for x in numbers):
+        return None
+    eta_bob, y0, e_d, alice_z, rate_hz, length_km, attenuation = typing.cast(list[float], numbers)
+    bob_z = _finite(q.get("bob_basis_z_probability"))
+    try:
+        params = DecoyBb84Parameters(
+            attenuation_db_per_km=attenuation, receiver_efficiency=eta_bob, dark_count_yield=y0,
+            misalignment_error=e_d, intensities=DecoyIntensities(*intensities),
+        )  # fmt: skip
+        rate = asymptotic_key_rate(params, length_km)
+        zero_km = max_distance_km(params, tolerance_km=0.01)
+    except (PhysicsParameterError, ValueError):
+        return None
+    return QkdLinkModel(
+        rate_per_signal_pulse=rate, zero_key_km=zero_km, p_signal=probabilities[0], basis_z_alice=alice_z,
+        basis_z_bob=alice_z if bob_z is None else bob_z, pulse_rate_hz=rate_hz,
+    )  # fmt: skip
+
+
+def qkd_app_model(scenario: Mapping[str, Any], name: str, app: Mapping[str, Any]) -> float | None:
+    """Asymptotic key bits per pulse (all pulses) that qkd app `name` could keep at most, or None.
+
+    R = p_signal p_Z,A p_Z,B (1 - r) R_Ma / q (see the module docstring): Ma et al.'s
+    bracket [Q1 (1 - H2(e1)) - f Q_mu H2(E_mu)] applies to the signal pulses both ends
+    measured in the key basis and that the QBER sample r did not disclose.
+    """
+    nodes = [str(n) for n in _list(app.get("nodes")) or _list(_scenario_app(scenario, name).get("nodes"))]
+    if len(nodes) != 2:
+        return None
+    link = _find_link(scenario, *nodes)
+    model = qkd_link_model(link) if link is not None else None
+    if model is None:
+        return None
+    from emulator.physics import BB84_SIFTING_FACTOR
+    from emulator.scenario import qkd_params as d
+
+    r = _finite(_scenario_app(scenario, name).get("sample_fraction", d.DEFAULT_SAMPLE_FRACTION))
+    if r is None:
+        return None
+    bracket = model.rate_per_signal_pulse / BB84_SIFTING_FACTOR
+    return model.p_signal * model.basis_z_alice * model.basis_z_bob * (1.0 - r) * bracket
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -245,6 +361,8 @@ def _plot_topology(fig: Any, scenario: Mapping[str, Any]) -> bool:
         text = f"{_num(link.get('length_km'))} km"
         if ent:
             text += f"\n{ent.get('scheme', 'double-click')}"
+        if isinstance(link.get("qkd"), Mapping):
+            text += "\nQKD"
         ax.annotate(
             _label(text), ((x1 + x2) / 2, (y1 + y2) / 2), ha="center", va="center", fontsize=9,
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7"}, zorder=3,
@@ -355,6 +473,71 @@ def _plot_fidelity(
     return True
 
 
+def _eve_windows(results: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """(start, end) of every eavesdropper fault in force, from the steps taken (end: the
+    run's end when it was never withdrawn)."""
+    faults = _mapping(results.get("faults"))
+    steps = [_mapping(x) for x in _list(faults.get("steps"))]
+    end_of_run = _finite(results.get("emulated_s"))
+    windows = []
+    for fault in (_mapping(f) for f in _list(faults.get("planned"))):
+        if not str(fault.get("kind", "")).startswith("qkd-"):
+            continue
+        taken = [x for x in steps if x.get("fault") == fault.get("index")]
+        start = next((_finite(x.get("at_s")) for x in taken if x.get("step") == "apply"), None)
+        if start is None:
+            continue
+        stop = next((_finite(x.get("at_s")) for x in taken if x.get("step") == "revert"), None)
+        stop = stop if stop is not None else end_of_run
+        if stop is not None and stop > start:
+            windows.append((start, stop))
+    return windows
+
+
+def _plot_qkd(
+    fig: Any, results: Mapping[str, Any], scenario: Mapping[str, Any], names: Sequence[str],
+    colors: Mapping[str, str],
+) -> bool:  # fmt: skip
+    from emulator.scenario import qkd_params as d
+
+    series = _mapping(results.get("series"))
+    ax_k, ax_q = fig.subplots(1, 2)
+    drawn = False
+    for name in names:
+        points = [p for p in _list(series.get(name)) if isinstance(p, Mapping)]
+        color = colors.get(name, "C0")
+        for ax, key, style, label in (
+            (ax_k, "final_key_bits", "-", "final key bits"),
+            (ax_q, "qber", "-", "QBER key basis"),
+            (ax_q, "qber_x", ":", "QBER test basis"),
+        ):
+            samples = [(_finite(p.get("t_s")), _finite(p.get(key))) for p in points]
+            samples = [(t, y) for t, y in samples if t is not None and y is not None]
+            if samples:
+                ax.plot([t for t, _ in samples], [y for _, y in samples], ls=style, color=color, lw=1.6,
+                        label=_label(f"{name} {label}"))  # fmt: skip
+                drawn = True
+        threshold = _finite(_scenario_app(scenario, name).get("qber_threshold", d.DEFAULT_QBER_THRESHOLD))
+        if threshold is not None:
+            ax_q.axhline(threshold, color=color, ls="--", lw=1.0, label=_label(f"{name} threshold {threshold:g}"))
+    if not drawn:
+        return False
+    for k, (start, stop) in enumerate(_eve_windows(results)):
+        for ax in (ax_k, ax_q):
+            ax.axvspan(start, stop, color="red", alpha=0.12, label="eavesdropper on" if k == 0 and ax is ax_q else None)
+    ax_k.set_title("Final key bits in the pool")
+    ax_k.set_ylabel("bits")
+    ax_k.set_ylim(bottom=0)
+    ax_q.set_title("QBER of the signal pulses")
+    ax_q.set_ylabel("QBER")
+    ax_q.set_ylim(bottom=0)
+    for ax in (ax_k, ax_q):
+        ax.set_xlabel("emulated time since the run started (s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    return True
+
+
 # --------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -410,10 +593,19 @@ def _summary_html(results: Mapping[str, Any], scenario: Mapping[str, Any]) -> st
 _SHOWN_METRICS = {"pairs_measured", "fidelity", "fidelity_stderr", "chsh", "chsh_stderr", "pair_rate_hz"}
 
 
-def _apps_html(results: Mapping[str, Any], models: Mapping[str, AppModel]) -> str:
+def _apps_html(results: Mapping[str, Any], models: Mapping[str, AppModel], scenario: Mapping[str, Any]) -> str:
     apps = _mapping(results.get("apps"))
     if not apps:
         return '<p class="note">No apps.</p>'
+    qkd_apps = {name: app for name, app in apps.items() if _mapping(app).get("kind") == "qkd"}
+    others = {name: app for name, app in apps.items() if name not in qkd_apps}
+    parts = [_epr_apps_html(others, models)] if others else []
+    if qkd_apps:
+        parts.append(_qkd_apps_html(qkd_apps, scenario))
+    return "\n".join(parts)
+
+
+def _epr_apps_html(apps: Mapping[str, Any], models: Mapping[str, AppModel]) -> str:
     rows = []
     for name, app in apps.items():
         app = _mapping(app)
@@ -435,6 +627,44 @@ def _apps_html(results: Mapping[str, Any], models: Mapping[str, AppModel]) -> st
                "CHSH ± s.e.", "model S", "rate (Hz)", "model p/T (Hz)", "started (s)", "finished (s)",
                "other metrics", "notes")  # fmt: skip
     return _table(headers, rows, numeric=range(4, 13))
+
+
+_QKD_SHOWN = {"final_key_bits", "secret_key_rate_bps", "key_rate_per_pulse", "qber", "qber_x", "cascade_efficiency",
+              "single_photon_yield_lower", "single_photon_error_upper", "blocks_done", "blocks_aborted",
+              "blocks_discarded", "alarms", "auth_rejects"}  # fmt: skip
+
+
+def _qkd_apps_html(apps: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:
+    rows = []
+    for name, app in apps.items():
+        app = _mapping(app)
+        m = _mapping(app.get("metrics"))
+        nodes = [str(n) for n in _list(app.get("nodes"))]
+        model_per_pulse = qkd_app_model(scenario, str(name), app)
+        link = _find_link(scenario, *nodes) if len(nodes) == 2 else None
+        optics = qkd_link_model(link) if link is not None else None
+        model_bps = None if model_per_pulse is None or optics is None else model_per_pulse * optics.pulse_rate_hz
+        requested = _mapping(app.get("requested"))
+        asked = _num(requested.get("key_bits")) if requested.get("key_bits") is not None else (
+            f"{_num(requested.get('duration_s'))} s" if requested.get("duration_s") is not None else "–")
+        blocks = f"{_num(m.get('blocks_done'))} / {_num(m.get('blocks_aborted'))} / {_num(m.get('blocks_discarded'))}"
+        others = ", ".join(f"{_e(k)} = {_num(v)}" for k, v in m.items() if k not in _QKD_SHOWN)
+        rows.append((
+            _e(name), _e(" → ".join(nodes)), _e(app.get("state", "–")),
+            f"{_num(m.get('final_key_bits'))} / {asked}", _num(m.get("secret_key_rate_bps")), _num(model_bps),
+            _num(m.get("key_rate_per_pulse")), _num(model_per_pulse), _num(m.get("qber")), _num(m.get("qber_x")),
+            _num(m.get("cascade_efficiency")), _num(m.get("single_photon_yield_lower")),
+            _num(m.get("single_photon_error_upper")), blocks, _num(m.get("alarms")), _num(m.get("auth_rejects")),
+            _num(app.get("started_s")), _num(app.get("finished_s")), others or "–", _e(app.get("error") or "–"),
+        ))  # fmt: skip
+    headers = ("qkd app", "transmitter → receiver", "state", "final key bits / requested", "key rate (bit/s)",
+               "asymptotic limit (bit/s)", "key bits per pulse", "asymptotic limit per pulse", "QBER (key basis)",
+               "QBER (test basis)", "Cascade f", "Y1 lower", "e1 upper", "blocks done / aborted / discarded",
+               "alarms", "auth rejects", "started (s)", "finished (s)", "other metrics", "notes")  # fmt: skip
+    return _table(headers, rows, numeric=(*range(4, 13), 14, 15, 16, 17)) + (
+        '<p class="note">Asymptotic limit: Ma et al. 2005 (vacuum + weak decoy, f = 1.22) for the pulses this '
+        "app can key (signal class, Z basis at both ends, not in the QBER sample); finite blocks keep less.</p>"
+    )
 
 
 def _expectations_html(results: Mapping[str, Any]) -> str:
@@ -498,6 +728,44 @@ def _links_html(results: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:
     )
 
 
+def _qkd_links_html(results: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:
+    """The links with a `qkd` section: optics, reference values, the broker's counts and Eve's."""
+    links = [_mapping(x) for x in _list(scenario.get("links")) if isinstance(_mapping(x).get("qkd"), Mapping)]
+    if not links:
+        return ""
+    stats = _mapping(_mapping(_mapping(results.get("stats")).get("broker")).get("qkd"))
+    rows = []
+    for link in links:
+        ends = [str(x) for x in _list(link.get("endpoints"))]
+        q = _mapping(link.get("qkd"))
+        model = qkd_link_model(link)
+        transmitter = str(q.get("transmitter") or (ends[0] if ends else "?"))
+        receiver = next((e for e in ends if e != transmitter), "?")
+        st = _mapping(stats.get("|".join(ends), stats.get("|".join(reversed(ends)))))
+        eve = _mapping(st.get("eve"))
+        i, p = _mapping(q.get("intensities")), _mapping(q.get("class_probabilities"))
+        rows.append((
+            _e(f"{transmitter} → {receiver}"), _num(link.get("length_km")), _num(link.get("attenuation_db_per_km")),
+            _num(q.get("pulse_rate_hz")),
+            _e(" / ".join(_num(i.get(k)) for k in ("signal", "decoy", "vacuum"))),
+            _e(" / ".join(_num(p.get(k)) for k in ("signal", "decoy", "vacuum"))),
+            _num(q.get("receiver_efficiency")), _num(q.get("dark_count_probability")),
+            _num(q.get("misalignment_error")),
+            _num(model.rate_per_signal_pulse if model else None), _num(model.zero_key_km if model else None),
+            _num(st.get("pulses")), _num(st.get("detections")), _num(eve.get("intercepted_detections")),
+            _num(eve.get("basis_matched_detections")), _num(eve.get("split_detections")),
+        ))  # fmt: skip
+    headers = ("QKD link", "length (km)", "attenuation (dB/km)", "pulse rate (Hz)", "intensities s / d / v",
+               "class probabilities s / d / v", "η Bob", "Y0", "e detector", "Ma et al. R per pulse (q = 1/2)",
+               "zero-key length (km)", "pulses", "detections", "Eve: intercepted detections",
+               "Eve: basis matched", "Eve: split detections")  # fmt: skip
+    return "<h3>QKD links</h3>" + _table(headers, rows, numeric=(1, 2, 3, *range(6, 16))) + (
+        '<p class="note">Ma, Qi, Zhao &amp; Lo, PRA 72, 012326 (2005): asymptotic rate with vacuum + weak decoy '
+        "bounds on the expected statistics, f = 1.22; the zero-key length is where it reaches zero. Counts are "
+        "the broker's (what Eve did is counted, never what she learned bit by bit).</p>"
+    )
+
+
 def _nodes_html(scenario: Mapping[str, Any]) -> str:
     nodes = _mapping(scenario.get("nodes"))
     if not nodes:
@@ -522,17 +790,21 @@ _CAPTIONS = {
     "fidelity.png": "Estimated fidelity and CHSH value of each app with ±1 standard error; dashed: the no-wait "
     "Werner model of a double-click link, shown only when the pairs are measured at once and the memories "
     "are ideal.",
+    "qkd.png": "Final key bits and QBER (signal pulses, key and test basis, over the blocks estimated so far) of "
+    "each qkd app against emulated time (sampled at each orchestrator poll); dashed: the app's QBER threshold, "
+    "above which blocks are aborted and an alarm raised; shaded: an eavesdropper fault in force.",
 }
 _MISSING = {
     "topology.png": "No topology plot: scenario.json is missing or has no nodes.",
     "pairs.png": "No progress plot: results.json has no progress samples (`series`).",
     "fidelity.png": "No fidelity plot: no app reported a fidelity or CHSH value.",
+    "qkd.png": "No QKD plot: results.json has no key or QBER samples of a qkd app (`series`).",
 }
 
 
 def _figures_html(drawn: Mapping[str, str | None]) -> str:
     parts = []
-    for name in PLOT_FILES:
+    for name in (*PLOT_FILES, *QKD_PLOT_FILES):
         if name not in drawn:
             continue
         problem = drawn[name]
@@ -556,10 +828,10 @@ def _page(results: Mapping[str, Any], scenario: Mapping[str, Any], models: Mappi
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         "<h2>Summary</h2>", _summary_html(results, scenario),
-        "<h2>Apps</h2>", _apps_html(results, models),
+        "<h2>Apps</h2>", _apps_html(results, models, scenario),
         "<h2>Expectations</h2>", _expectations_html(results),
         "<h2>Faults</h2>", _faults_html(results),
-        "<h2>Links</h2>", _links_html(results, scenario),
+        "<h2>Links</h2>", _links_html(results, scenario) + _qkd_links_html(results, scenario),
         "<h2>Nodes</h2>", _nodes_html(scenario),
         "<h2>Plots</h2>", _figures_html(drawn),
         "</body></html>",
@@ -590,6 +862,14 @@ def write_report(run_dir: str | os.PathLike[str], results: Mapping[str, Any], sc
         "pairs.png": ((8.0, 4.5), lambda f: _plot_pairs(f, results, models, colors)),
         "fidelity.png": ((9.0, 4.0), lambda f: _plot_fidelity(f, results, models, colors)),
     }  # fmt: skip
+    qkd_names = [str(n) for n, app in apps.items() if _mapping(app).get("kind") == "qkd"]
+    if qkd_names:
+        plots["qkd.png"] = ((10.0, 4.2), lambda f: _plot_qkd(f, results, scenario, qkd_names, colors))
+        if len(qkd_names) == len(apps):  # only qkd apps: no pairs or fidelity to plot, nor to apologise for
+            del plots["pairs.png"], plots["fidelity.png"]
+    for name in (*PLOT_FILES, *QKD_PLOT_FILES):
+        if name not in plots:
+            (out / name).unlink(missing_ok=True)  # a stale plot of an earlier rendering
     drawn: dict[str, str | None] = {}  # file -> None if written, else why not
     for name, (size, draw) in plots.items():
         path = out / name

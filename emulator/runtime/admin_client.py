@@ -15,6 +15,7 @@ nonsense. The token is never part of an exception message or a repr.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -32,6 +33,7 @@ from emulator.wire import (
     LinkFault,
     Message,
     Ok,
+    QkdEve,
     RemoteProtocolError,
     Shutdown,
     Stats,
@@ -184,6 +186,18 @@ class AdminClient:
         Raises `AdminRequestError` with code `no_link` if `peer` is not a neighbour.
         """
         await self.request(LinkFault(peer=peer, cut=cut), Ok)
+
+    async def qkd_eve(self, endpoints: Sequence[str], *, intercept_fraction: float = 0.0, pns: bool = False) -> None:
+        """Broker: set the eavesdropper of the QKD link between `endpoints` (docs/protocol.md §4.7).
+
+        `intercept_fraction` in [0, 1] of the pulses are intercepted and resent; `pns`
+        splits multi-photon pulses (the other switches keep the protocol's defaults). The
+        defaults turn Eve off. Raises `AdminRequestError` (`bad_field`, `unknown_node`,
+        `no_link`, `refused`: the link has no QKD) like the other requests.
+        """
+        message = QkdEve(endpoints=[str(e) for e in endpoints], intercept_fraction=float(intercept_fraction),
+                         pns=bool(pns))  # fmt: skip
+        await self.request(message, Ok)
 
     async def shutdown(self) -> None:
         """Ask the server to exit; a connection closed instead of `ok` counts as success.

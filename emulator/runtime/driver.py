@@ -16,9 +16,10 @@ Theory of operation
 4. drive the `Timeline` and the `FaultSchedule` (emulated time from the broker clock):
    start apps at their offsets over each node's control session, apply and revert
    faults (the deployment kills, stops, pauses or cuts; the local runtime and the
-   conductor cut links through the nodes' control endpoints), poll app status every
-   `poll_interval_s`, show live progress, stop when every app finished or `duration`
-   elapsed;
+   conductor cut links through the nodes' control endpoints; the `qkd-*` eavesdroppers
+   are switched by the broker's admin session, `qkd_eve`, in every runtime), poll app
+   status every `poll_interval_s`, show live progress, stop when every app finished or
+   `duration` elapsed;
 5. collect stats, evaluate expectations, write `results.json` (with `series` and
    `faults`) and `events.jsonl`, render `report.html`.
 
@@ -53,7 +54,7 @@ import trio
 from rich.console import Console
 
 import emulator
-from emulator.report.console import RunProgress, print_summary
+from emulator.report.console import AppBar, RunProgress, print_summary
 from emulator.report.events import EventKind, EventLog, iso_utc
 from emulator.report.results import (
     AppOutcome,
@@ -68,9 +69,11 @@ from emulator.report.series import SeriesRecorder
 from .admin_client import AdminClient, AdminError, AdminRequestError
 from .faults import FaultAction, FaultSchedule, FaultStep
 from .orchestrator import (
+    AppPlan,
     EmulatedClock,
     ExitCode,
     FaultKind,
+    FaultPlan,
     FinishReason,
     PlanError,
     RegistrationTracker,
@@ -99,6 +102,14 @@ ADMIN_TOKEN_ENV = "QNETEM_ADMIN_TOKEN"
 EXTERNAL_ENV_FILE = "external.env"  # broker address and run tokens for external nodes
 
 Address = tuple[str, int]
+
+
+#: What a `qkd_block` event carries of a qkd app's block record (nodes/apps/qkd.py).
+_BLOCK_EVENT_FIELDS = (
+    "seq", "block", "outcome", "reason", "alarm", "pulses", "detections", "qber", "qber_x", "qber_by_class",
+    "gains", "single_photon_yield_lower", "single_photon_error_upper", "cascade_efficiency", "leaked_bits",
+    "frame_errors", "final_bits", "at_s",
+)
 
 
 class RuntimeFailure(Exception):
@@ -337,6 +348,7 @@ class RunDriver:
         self.fault_log: list[dict[str, Any]] = []  # every fault step taken, for results.json
         self.tracker = RegistrationTracker(plan.node_names)
         self.series = SeriesRecorder()  # each app's progress over emulated time, for results.json
+        self._blocks_seen: dict[str, int] = {}  # qkd app -> highest block `seq` turned into events
         self.broker: AdminClient | None = None
         self.broker_access: BrokerAccess | None = None
         self.controls: dict[str, AdminClient] = {}
@@ -352,9 +364,7 @@ class RunDriver:
         self.default_registration_timeout_s = default_registration_timeout_s
         self.stop_processes = stop_processes  # False: leave the broker and nodes running at the end
         live = options.live if options.live is not None else (not options.quiet and console.is_terminal)
-        self.progress = RunProgress(
-            console, [(a.name, a.pairs) for a in plan.apps], duration_s=plan.duration_s, live=live
-        )
+        self.progress = RunProgress(console, [_app_bar(a) for a in plan.apps], duration_s=plan.duration_s, live=live)
         self.context = LaunchContext(plan, run_dir, self.run_id, self._tokens, options, self.emit, self._rel)
         self.deployment = deployment_factory(self.context)
 
@@ -647,9 +657,10 @@ class RunDriver:
             except AdminError as exc:
                 raise await self._blame(exc, f"node {request.node}") from None
         change = self.timeline.mark_started(app.name, now)
-        self.series.record(app.name, change.t_s, {"pairs_measured": 0})
+        self.series.record(app.name, change.t_s, {app.progress_metric: 0})
+        asked = {k: v for k, v in app.requested().items() if k in ("pairs", "key_bits", "duration_s")}
         self.emit(
-            EventKind.APP_STARTED, app=app.name, kind=app.kind, nodes=list(app.nodes), pairs=app.pairs,
+            EventKind.APP_STARTED, app=app.name, kind=app.kind, nodes=list(app.nodes), **asked,
             at_s=round(change.t_s, 6),
         )  # fmt: skip
 
@@ -675,6 +686,8 @@ class RunDriver:
                 assert now is not None
                 if role == "initiator" and status.state != "failed":
                     self.series.record(app.name, self.timeline.elapsed_s(now), status.results)
+                if role == "initiator":
+                    self._block_events(app.name, status.results)
                 change = self.timeline.observe(app.name, role, status.state, status.results, now)
                 if change is None:
                     continue
@@ -685,10 +698,34 @@ class RunDriver:
                     self.emit(EventKind.APP_FAILED, app=app.name, at_s=round(change.t_s, 6), error=change.error)
                     break
 
+    def _block_events(self, app: str, results: Mapping[str, Any]) -> None:
+        """A qkd app's newly finished blocks -> `qkd_block` (and `qkd_alarm`) events, once each.
+
+        The app keeps its last blocks in `results["blocks"]`, numbered by `seq`; the
+        poll interval is far shorter than a block, so none is missed in practice (a
+        gap in `seq` is reported in the event as `missed`).
+        """
+        blocks = results.get("blocks")
+        if not isinstance(blocks, list):
+            return
+        last = self._blocks_seen.get(app, 0)
+        for rec in blocks:
+            seq = rec.get("seq") if isinstance(rec, Mapping) else None
+            if not isinstance(seq, int) or seq <= last:
+                continue
+            fields = {k: rec.get(k) for k in _BLOCK_EVENT_FIELDS if rec.get(k) is not None}
+            self.emit(EventKind.QKD_BLOCK, app=app, missed=seq - last - 1, **fields)
+            if rec.get("alarm"):
+                self.emit(EventKind.QKD_ALARM, app=app, block=rec.get("block"), reason=rec.get("alarm"),
+                          qber=rec.get("qber"), qber_x=rec.get("qber_x"), node_at_s=rec.get("at_s"))  # fmt: skip
+            last = seq
+        self._blocks_seen[app] = last
+
     def _show_progress(self, now: float) -> None:
         self.progress.set_clock(self.timeline.elapsed_s(now))
-        for name, state, measured, _requested, rate in self.timeline.progress(now):
-            self.progress.update_app(name, measured=measured, state=state.value, rate_hz=rate)
+        for p in self.timeline.progress(now):
+            self.progress.update_app(p.name, measured=p.measured, state=p.state.value, rate_hz=p.rate,
+                                     running_s=p.running_s)  # fmt: skip
 
     # ------------------------------------------------------------------ faults
 
@@ -721,6 +758,9 @@ class RunDriver:
         elif kind is FaultKind.LINK_CUT:
             assert fault.link is not None
             await self._cut(fault.link, cut=step is FaultStep.APPLY)
+        elif kind.eavesdrops:
+            assert fault.link is not None
+            await self._eavesdrop(fault, on=step is FaultStep.APPLY, label=label)
         else:  # pragma: no cover - FaultKind is closed
             raise RuntimeFailure(f"{label}: kind {kind} is not implemented by this orchestrator")
         record = action.to_dict()
@@ -773,6 +813,27 @@ class RunDriver:
                 await client.link_fault(other, cut)
             except AdminError as exc:
                 raise await self._blame(exc, f"node {end}") from None
+
+    async def _eavesdrop(self, fault: FaultPlan, *, on: bool, label: str) -> None:
+        """Switch the eavesdropper of a QKD link through the broker's admin session.
+
+        On: `qkd_eve` with the fault's switches (intercept-resend with its fraction, or
+        photon-number splitting); off: `qkd_eve` with every switch at its default. The
+        broker applies the change from the next pulse it has not emitted. A refusal is a
+        runtime failure: the scenario's attack would silently not happen.
+        """
+        assert self.broker is not None and fault.link is not None
+        try:
+            if on:
+                await self.broker.qkd_eve(
+                    fault.link, intercept_fraction=fault.intercept_fraction, pns=fault.kind is FaultKind.QKD_PNS
+                )
+            else:
+                await self.broker.qkd_eve(fault.link)
+        except AdminRequestError as exc:
+            raise RuntimeFailure(f"{label}: the broker refused qkd_eve: {exc}") from None
+        except AdminError as exc:
+            raise await self._blame(exc, "broker") from None
 
     async def _revert_for_shutdown(self) -> None:
         """Thaw frozen nodes and restore cut links so that everything can stop cleanly."""
@@ -922,6 +983,15 @@ class RunDriver:
             why = " ".join(str(exc).split())[:200]
             return f"report.html not written: {type(exc).__name__}: {why} (traceback in {self._rel(log)})"
         return None
+
+
+def _app_bar(app: AppPlan) -> AppBar:
+    """How the live display counts an app: amount requested, or running time for a qkd
+    app that only has a duration."""
+    amount = app.requested_amount
+    if amount is None and app.running_limit_s is not None:
+        return AppBar(app.name, app.running_limit_s, app.unit, by_time=True)
+    return AppBar(app.name, amount or 0, app.unit)
 
 
 async def _quiet_shutdown(client: AdminClient) -> None:

@@ -5,11 +5,13 @@ Theory of operation
 A scenario's `faults` become `FaultPlan`s in the `RunPlan` (`plan_from_scenario`).
 Each fault is two *steps* on its target (a node or a classical link):
 
-    kind          APPLY (at `at`)      REVERT (at `at + for`)
-    node-crash    kill                 start again
-    node-restart  graceful stop        start again (at `at` when there is no `for`)
-    node-freeze   pause                resume
-    link-cut      cut                  restore
+    kind                  APPLY (at `at`)          REVERT (at `at + for`)
+    node-crash            kill                     start again
+    node-restart          graceful stop            start again (at `at` when there is no `for`)
+    node-freeze           pause                    resume
+    link-cut              cut                      restore
+    qkd-intercept-resend  Eve on (broker qkd_eve)  Eve off (qkd_eve with the defaults)
+    qkd-pns               Eve on (broker qkd_eve)  Eve off
 
 A fault with no `for` has no REVERT in the plan, except node-restart, whose
 REVERT then falls at `at` itself (see `emulator.scenario.fault_kinds`).
@@ -86,7 +88,8 @@ class FaultAction:
 
     @property
     def verb(self) -> str:
-        """`kill`, `stop`, `pause`, `cut` (APPLY) or `start`, `resume`, `restore` (REVERT)."""
+        """`kill`, `stop`, `pause`, `cut`, `intercept`, `split` (APPLY) or `start`, `resume`,
+        `restore`, `withdraw` (REVERT)."""
         kind = self.fault.kind
         return kind.apply_verb if self.step is FaultStep.APPLY else kind.revert_verb
 
@@ -95,8 +98,9 @@ class FaultAction:
         return f"fault {self.fault.index} {self.step.value} ({self.verb} {self.fault.target_label}): {self.fault.describe()}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (for events.jsonl and results.json); infinity is written None."""
-        return {
+        """JSON-able form (for events.jsonl and results.json); infinity is written None;
+        `fraction` only for the kinds that have one."""
+        out: dict[str, Any] = {
             "fault": self.fault.index,
             "kind": self.fault.kind.value,
             "step": self.step.value,
@@ -104,8 +108,11 @@ class FaultAction:
             "t_s": self.t_s if math.isfinite(self.t_s) else None,
             "node": self.fault.node,
             "link": None if self.fault.link is None else list(self.fault.link),
-            "description": self.fault.describe(),
         }
+        if self.fault.fraction is not None:
+            out["fraction"] = self.fault.fraction
+        out["description"] = self.fault.describe()
+        return out
 
 
 def _order_key(action: FaultAction) -> tuple[float, int, int, int]:

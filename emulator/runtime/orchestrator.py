@@ -17,10 +17,22 @@ on what they say:
   finished, or `duration` emulated seconds elapsed since the origin (apps not finished
   then keep state `running`, so expectations on them fail with that reason).
 
-An epr-test app runs on two nodes: the responder is started first (so it is listening
-when the initiator asks for pairs), then the initiator; the initiator's results are
-the app's metrics. The app is done when the initiator is done, failed when either end
-failed. All times here are emulated seconds; nothing reads a clock.
+Every app kind runs on two nodes: the responder is started first (so it is listening
+when the initiator asks for pairs or opens the QKD session), then the initiator; the
+initiator's results are the app's metrics. The app is done when the initiator is done,
+failed when either end failed. What differs per kind is `AppPlan.settings` (the
+`app_start` params both ends receive besides `role` and `peer`) and what progress is
+counted in (`AppPlan.progress_metric`):
+
+* `epr-test`: `{pairs, wait_s}`; progress in pairs measured (`pairs_measured`, rate
+  `pair_rate_hz`), requested `pairs`.
+* `qkd`: `{duration_s, key_bits, block_key_bits, cascade, epsilon_sec, epsilon_cor,
+  qber_threshold, sample_fraction}` (`duration_s`, `key_bits` None when the scenario
+  leaves them out); the first node is the link's QKD transmitter, the initiator.
+  Progress in final key bits (`final_key_bits`, rate `secret_key_rate_bps`), requested
+  `key_bits`, or, with only a `duration`, the app's running time against it.
+
+All times here are emulated seconds; nothing reads a clock.
 """
 
 from __future__ import annotations
@@ -29,19 +41,22 @@ import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from emulator.report.results import AppOutcome, AppState, ExpectationSpec
+from emulator.scenario import qkd_params as _qkd
 from emulator.scenario.fault_kinds import FaultKind, FaultTarget
 
 __all__ = [
     "AppChanged",
     "AppPlan",
+    "AppProgress",
     "AppStartRequest",
     "EmulatedClock",
     "ExitCode",
     "FaultKind",
     "FaultPlan",
+    "FaultTarget",
     "FinishReason",
     "NodePlan",
     "PlanError",
@@ -74,7 +89,10 @@ class PlanError(ValueError):
 
 
 #: App kinds this orchestrator knows how to start, and their roles in start order.
-SUPPORTED_APP_KINDS: Mapping[str, tuple[str, ...]] = {"epr-test": ("responder", "initiator")}
+SUPPORTED_APP_KINDS: Mapping[str, tuple[str, ...]] = {
+    "epr-test": ("responder", "initiator"),
+    "qkd": ("responder", "initiator"),
+}
 
 
 @_frozen
@@ -97,13 +115,19 @@ class AppStartRequest:
 
 @_frozen
 class AppPlan:
+    """One scenario app as the orchestrator runs it.
+
+    `settings` are the `app_start` params both ends receive besides `role` and `peer`
+    (see the module docstring for each kind's); `start_s` is the offset from the
+    timeline origin, emulated seconds.
+    """
+
     name: str
     kind: str
     initiator: str
     responder: str
-    pairs: int
-    wait_s: float
-    start_s: float  # offset from the timeline origin, emulated seconds
+    start_s: float
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def nodes(self) -> tuple[str, str]:
@@ -112,9 +136,54 @@ class AppPlan:
     def node_of(self, role: str) -> str:
         return self.initiator if role == "initiator" else self.responder
 
+    @property
+    def pairs(self) -> int | None:
+        """epr-test: the pairs requested (None for other kinds)."""
+        return self.settings.get("pairs") if self.kind == "epr-test" else None
+
+    @property
+    def wait_s(self) -> float | None:
+        """epr-test: how long each pair waits in memory (None for other kinds)."""
+        return self.settings.get("wait_s") if self.kind == "epr-test" else None
+
+    @property
+    def progress_metric(self) -> str:
+        """The initiator's result that counts the app's progress."""
+        return "final_key_bits" if self.kind == "qkd" else "pairs_measured"
+
+    @property
+    def rate_metric(self) -> str:
+        """The initiator's result that gives the app's rate per emulated second."""
+        return "secret_key_rate_bps" if self.kind == "qkd" else "pair_rate_hz"
+
+    @property
+    def unit(self) -> str:
+        """What `progress_metric` counts (`pairs`, `bits`)."""
+        return "bits" if self.kind == "qkd" else "pairs"
+
+    @property
+    def requested_amount(self) -> int | None:
+        """How much `progress_metric` must reach for the app to be done, if the app says
+        (epr-test: `pairs`; qkd: `key_bits`, None when it runs for a `duration` only)."""
+        value = self.settings.get("key_bits" if self.kind == "qkd" else "pairs")
+        return None if value is None else int(value)
+
+    @property
+    def running_limit_s(self) -> float | None:
+        """qkd: emulated seconds the app runs at most (its `duration`), else None."""
+        value = self.settings.get("duration_s") if self.kind == "qkd" else None
+        return None if value is None else float(value)
+
+    def requested(self) -> dict[str, Any]:
+        """What the scenario asked of the app (results.json `apps.<name>.requested`)."""
+        if self.kind == "qkd":
+            return {"key_bits": self.settings.get("key_bits"), "duration_s": self.settings.get("duration_s"),
+                    "start_s": self.start_s}  # fmt: skip
+        return {"pairs": self.pairs, "wait_s": self.wait_s, "start_s": self.start_s}
+
     def start_requests(self) -> tuple[AppStartRequest, ...]:
         """The `app_start` calls for this app, responder first (it must be listening)."""
-        common = {"pairs": self.pairs, "wait_s": self.wait_s}
+        common = dict(self.settings)
         return (
             AppStartRequest(
                 self.responder, "responder", self.kind, self.name,
@@ -134,7 +203,7 @@ class FaultPlan:
     `index` is 1-based (`fault 1` in events and messages); `at_s` and `for_s` are
     emulated seconds from the timeline origin; exactly one of `node` and `link` is
     set, as `kind.target` says; `link` is in the order the scenario's link lists
-    its endpoints.
+    its endpoints. `fraction` (in (0, 1]) is set for `qkd-intercept-resend` only.
     """
 
     index: int
@@ -143,6 +212,7 @@ class FaultPlan:
     for_s: float | None
     node: str | None = None
     link: tuple[str, str] | None = None
+    fraction: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", FaultKind(self.kind))  # "node-crash" -> FaultKind.NODE_CRASH
@@ -157,6 +227,11 @@ class FaultPlan:
         wants_node = self.kind.target is FaultTarget.NODE
         if wants_node != (self.node is not None) or wants_node == (self.link is not None):
             raise ValueError(f"fault {self.index}: {self.kind} needs exactly a {self.kind.target.value}")
+        if self.kind.takes_fraction:
+            if self.fraction is None or not (0.0 < self.fraction <= 1.0):
+                raise ValueError(f"fault {self.index}: {self.kind} needs a fraction in (0, 1], got {self.fraction!r}")
+        elif self.fraction is not None:
+            raise ValueError(f"fault {self.index}: {self.kind} takes no fraction")
 
     @property
     def target_label(self) -> str:
@@ -164,6 +239,11 @@ class FaultPlan:
         if self.link is not None:
             return f"[{self.link[0]}, {self.link[1]}]"
         return str(self.node)
+
+    @property
+    def intercept_fraction(self) -> float:
+        """The `intercept_fraction` of the broker's `qkd_eve` while the fault is in force."""
+        return self.fraction if self.kind is FaultKind.QKD_INTERCEPT_RESEND and self.fraction is not None else 0.0
 
     @property
     def revert_s(self) -> float | None:
@@ -174,23 +254,27 @@ class FaultPlan:
         return None if self.kind.lasts_to_end_without_for else self.at_s
 
     def describe(self) -> str:
-        """`node-crash bob at 2 s for 3 s`, `link-cut [alice, bob] at 8 s until the end`."""
-        text = f"{self.kind.value} {self.target_label} at {self.at_s:g} s"
+        """`node-crash bob at 2 s for 3 s`, `qkd-intercept-resend [alice, bob] fraction 0.5 at 8 s until the end`."""
+        target = self.target_label if self.fraction is None else f"{self.target_label} fraction {self.fraction:g}"
+        text = f"{self.kind.value} {target} at {self.at_s:g} s"
         if self.for_s is not None:
             return f"{text} for {self.for_s:g} s"
         return f"{text} until the end" if self.kind.lasts_to_end_without_for else text
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (for events.jsonl and results.json)."""
-        return {
+        """JSON-able form (for events.jsonl and results.json); `fraction` only when the kind has one."""
+        out: dict[str, Any] = {
             "index": self.index,
             "kind": self.kind.value,
             "at_s": self.at_s,
             "for_s": self.for_s,
             "node": self.node,
             "link": None if self.link is None else list(self.link),
-            "description": self.describe(),
         }
+        if self.fraction is not None:
+            out["fraction"] = self.fraction
+        out["description"] = self.describe()
+        return out
 
 
 @_frozen
@@ -254,19 +338,25 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
         for node in app_nodes:
             if node not in names:
                 raise PlanError(f"apps[{index}] ({name}): unknown node {node!r}")
+        if kind == "qkd":
+            settings = _qkd_settings(spec, index, name, app_nodes, _get(scenario, "links") or ())
+        else:
+            settings = {"pairs": int(_get(spec, "pairs")), "wait_s": float(_first(spec, ("wait_s", "wait"), 0.0))}
         apps.append(
             AppPlan(
                 name=name,
                 kind=kind,
                 initiator=str(app_nodes[0]),
                 responder=str(app_nodes[1]),
-                pairs=int(_get(spec, "pairs")),
-                wait_s=float(_first(spec, ("wait_s", "wait"), 0.0)),
                 start_s=float(_first(spec, ("start_s", "start"), 0.0)),
+                settings=settings,
             )
         )
     if len({a.name for a in apps}) != len(apps):
         raise PlanError("two apps share a name")
+    qkd_pairs = [frozenset(a.nodes) for a in apps if a.kind == "qkd"]
+    if len(set(qkd_pairs)) != len(qkd_pairs):
+        raise PlanError("two qkd apps share a link (the link's bootstrap key serves one QKD session per run)")
 
     expectations = []
     for spec in _get(scenario, "expect") or ():
@@ -294,14 +384,47 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
     )
 
 
+def _qkd_settings(spec: Any, index: int, name: str, nodes: Sequence[Any], links: Iterable[Any]) -> dict[str, Any]:
+    """The `app_start` settings of a qkd app; the checks repeat what validation does for
+    a `scenario_to_dict` form that did not go through it (defaults: `qkd_params`)."""
+    transmitter = None
+    for link in links:
+        ends = [str(e) for e in (_get(link, "endpoints") or ())]
+        qkd = _get(link, "qkd")
+        if qkd is not None and sorted(ends) == sorted(map(str, nodes)):
+            transmitter = _get(qkd, "transmitter") or ends[0]
+    if transmitter is None:
+        raise PlanError(f"apps[{index}] ({name}): no QKD link between {nodes[0]} and {nodes[1]}")
+    if transmitter != nodes[0]:
+        raise PlanError(f"apps[{index}] ({name}): the first node must be the link's QKD transmitter {transmitter}")
+    duration_s = _opt_float(_first(spec, ("duration_s", "duration")))
+    key_bits = _get(spec, "key_bits")
+    if duration_s is None and key_bits is None:
+        raise PlanError(f"apps[{index}] ({name}): a qkd app needs `duration`, `key_bits` or both")
+    cascade = _get(spec, "cascade", _qkd.DEFAULT_CASCADE)
+    return {
+        "duration_s": duration_s,
+        "key_bits": None if key_bits is None else int(key_bits),
+        "block_key_bits": int(_get(spec, "block_bits", _qkd.DEFAULT_BLOCK_BITS)),
+        "cascade": str(getattr(cascade, "value", cascade)),
+        "epsilon_sec": float(_get(spec, "epsilon_sec", _qkd.DEFAULT_EPSILON_SEC)),
+        "epsilon_cor": float(_get(spec, "epsilon_cor", _qkd.DEFAULT_EPSILON_COR)),
+        "qber_threshold": float(_get(spec, "qber_threshold", _qkd.DEFAULT_QBER_THRESHOLD)),
+        "sample_fraction": float(_get(spec, "sample_fraction", _qkd.DEFAULT_SAMPLE_FRACTION)),
+    }
+
+
 def _plan_faults(scenario: Any, nodes: Mapping[str, NodePlan]) -> tuple[FaultPlan, ...]:
     """The scenario's faults as `FaultPlan`s; the checks repeat what validation does for
     a `scenario_to_dict` form that did not go through it."""
     link_orders: dict[frozenset[str], tuple[str, str]] = {}
+    qkd_links: set[frozenset[str]] = set()
     for spec in _get(scenario, "links") or ():
         ends = tuple(str(e) for e in (_get(spec, "endpoints") or ()))
         if len(ends) == 2 and ends[0] != ends[1]:
             link_orders.setdefault(frozenset(ends), (ends[0], ends[1]))
+            if _get(spec, "qkd") is not None:
+                qkd_links.add(frozenset(ends))
     faults = []
     for position, spec in enumerate(_get(scenario, "faults") or ()):
         index = position + 1
@@ -328,9 +451,12 @@ def _plan_faults(scenario: Any, nodes: Mapping[str, NodePlan]) -> tuple[FaultPla
             found = link_orders.get(frozenset(ends)) if len(ends) == 2 else None
             if found is None:
                 raise PlanError(f"fault {index}: no link between {' and '.join(map(repr, ends)) or 'the nodes given'}")
+            if kind.eavesdrops and frozenset(found) not in qkd_links:
+                raise PlanError(f"fault {index}: {kind.value} needs a QKD link; [{found[0]}, {found[1]}] has no `qkd`")
             link = found
+        fraction = _opt_float(_get(spec, "fraction"))
         try:
-            faults.append(FaultPlan(index, kind, float(at_s), for_s, node, link))
+            faults.append(FaultPlan(index, kind, float(at_s), for_s, node, link, fraction))
         except ValueError as err:
             raise PlanError(str(err)) from None
     return tuple(faults)
@@ -423,6 +549,19 @@ class AppChanged:
     state: AppState
     t_s: float  # emulated, relative to the timeline origin
     error: str | None = None
+
+
+class AppProgress(NamedTuple):
+    """One app's progress (`Timeline.progress`), in the unit of its kind (`AppPlan.unit`)."""
+
+    name: str
+    state: AppState
+    measured: int | None  # pairs measured (epr-test) or final key bits (qkd) so far
+    requested: int | None  # the amount asked for (None: a qkd app that runs for a duration)
+    rate: float | None  # per emulated second
+    running_s: float | None = None  # emulated seconds since the app started (None: not started)
+    running_limit_s: float | None = None  # qkd with a duration: how long it runs at most
+    unit: str = "pairs"
 
 
 @dataclasses.dataclass(slots=True)
@@ -531,18 +670,23 @@ class Timeline:
 
     # ------------------------------------------------------------------ snapshots
 
-    def progress(self, now_s: float) -> list[tuple[str, AppState, int | None, int, float | None]]:
-        """(name, state, pairs measured so far, pairs requested, rate in pairs/emulated s)."""
+    def progress(self, now_s: float) -> list[AppProgress]:
+        """Per app: state, amount so far (pairs measured / final key bits), amount requested,
+        rate per emulated second, and how long it has been running."""
         out = []
         for t in self._apps.values():
+            plan = t.plan
             results = t.node_results.get("initiator", {})
-            measured = _as_int(results.get("pairs_measured"))
-            rate = _as_float(results.get("pair_rate_hz"))
-            if rate is None and measured is not None and t.started_s is not None:
+            measured = _as_int(results.get(plan.progress_metric))
+            rate = _as_float(results.get(plan.rate_metric))
+            running_s = None
+            if t.started_s is not None:
                 end = t.finished_s if t.finished_s is not None else self.elapsed_s(now_s)
-                span = end - t.started_s
-                rate = measured / span if span > 0 else None
-            out.append((t.plan.name, t.state, measured, t.plan.pairs, rate))
+                running_s = max(0.0, end - t.started_s)
+            if rate is None and measured is not None and running_s is not None:
+                rate = measured / running_s if running_s > 0 else None
+            out.append(AppProgress(plan.name, t.state, measured, plan.requested_amount, rate, running_s,
+                                   plan.running_limit_s, plan.unit))  # fmt: skip
         return out
 
     def outcomes(self, *, unfinished_note: str | None = None) -> dict[str, AppOutcome]:
@@ -562,7 +706,7 @@ class Timeline:
                 nodes=t.plan.nodes,
                 state=t.state,
                 metrics=metrics,
-                requested={"pairs": t.plan.pairs, "wait_s": t.plan.wait_s, "start_s": t.plan.start_s},
+                requested=t.plan.requested(),
                 started_s=t.started_s,
                 finished_s=t.finished_s,
                 error=error,

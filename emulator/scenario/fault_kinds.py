@@ -4,17 +4,29 @@ Theory of operation
 -------------------
 A fault is injected by the runtime at the *container or process boundary*
 (issue 3, part 4): it kills, stops or pauses a node it started, or cuts a
-classical link.  Each kind is two steps, *apply* at `at` and *revert* at
-`at + for`:
+classical link; or, for a QKD link (issue 4), it switches on an eavesdropper in
+the broker's optical layer. Each kind is two steps, *apply* at `at` and *revert*
+at `at + for`:
 
-============== ================== ============== ====================================
-kind           apply              revert         without `for`
-============== ================== ============== ====================================
-node-crash     kill (SIGKILL)     start again    stays down until the run ends
-node-restart   graceful stop      start again    start again at once (downtime 0)
-node-freeze    pause (SIGSTOP)    resume         frozen until the run ends
-link-cut       cut the link       restore it     cut until the run ends
-============== ================== ============== ====================================
+==================== ===================== ============== ====================================
+kind                 apply                 revert         without `for`
+==================== ===================== ============== ====================================
+node-crash           kill (SIGKILL)        start again    stays down until the run ends
+node-restart         graceful stop         start again    start again at once (downtime 0)
+node-freeze          pause (SIGSTOP)       resume         frozen until the run ends
+link-cut             cut the link          restore it     cut until the run ends
+qkd-intercept-resend Eve on (`fraction`)   Eve off        on until the run ends
+qkd-pns              Eve on (PNS)          Eve off        on until the run ends
+==================== ===================== ============== ====================================
+
+The two `qkd-*` kinds act on the broker, not on a node or the network: the
+runtime sends the broker's admin session `qkd_eve` (docs/protocol.md §4.7) with
+the switches on at apply and all off at revert. They therefore work in every
+runtime (local, docker, a compose project), need a link with a `qkd` section,
+and, since they set the link's eavesdropper as a whole, may not overlap each
+other on one link; they may overlap a `link-cut` of the same link, which acts on
+the classical channel, not on the photons. Only `qkd-intercept-resend` takes a
+`fraction` (the share of pulses Eve intercepts, in (0, 1]).
 
 This module holds only the enum and its per-kind facts, with no pydantic and
 no I/O, so that the scenario schema (validation), the sans-IO planner
@@ -30,7 +42,8 @@ __all__ = ["FaultKind", "FaultTarget"]
 
 
 class FaultTarget(enum.StrEnum):
-    """What a fault acts on: a node (process or container) or a classical link."""
+    """What a fault acts on: a node (process or container) or a link (its classical
+    channel, or the eavesdropper of its QKD optics)."""
 
     NODE = "node"
     LINK = "link"
@@ -43,11 +56,26 @@ class FaultKind(enum.StrEnum):
     NODE_RESTART = "node-restart"
     NODE_FREEZE = "node-freeze"
     LINK_CUT = "link-cut"
+    QKD_INTERCEPT_RESEND = "qkd-intercept-resend"
+    QKD_PNS = "qkd-pns"
 
     @property
     def target(self) -> FaultTarget:
         """Whether the fault names a `node` or a `link`."""
-        return FaultTarget.LINK if self is FaultKind.LINK_CUT else FaultTarget.NODE
+        return FaultTarget.NODE if self.value.startswith("node-") else FaultTarget.LINK
+
+    @property
+    def eavesdrops(self) -> bool:
+        """The fault switches the eavesdropper of a QKD link (broker admin `qkd_eve`).
+
+        Its link must have a `qkd` section; it needs no node and no container engine.
+        """
+        return self in (FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS)
+
+    @property
+    def takes_fraction(self) -> bool:
+        """The fault needs a `fraction` (and no other kind accepts one)."""
+        return self is FaultKind.QKD_INTERCEPT_RESEND
 
     @property
     def lasts_to_end_without_for(self) -> bool:
@@ -67,7 +95,8 @@ class FaultKind(enum.StrEnum):
         """A fault still in force when the run ends must be reverted before shutdown.
 
         A frozen process cannot act on a stop request and a cut link may hold up a
-        node's goodbye; a crashed or stopped node is simply not started again.
+        node's goodbye; a crashed or stopped node is simply not started again, and an
+        eavesdropper ends with the broker.
         """
         return self in (FaultKind.NODE_FREEZE, FaultKind.LINK_CUT)
 
@@ -92,6 +121,8 @@ _VERBS: dict[FaultKind, tuple[str, str]] = {
     FaultKind.NODE_RESTART: ("stop", "start"),
     FaultKind.NODE_FREEZE: ("pause", "resume"),
     FaultKind.LINK_CUT: ("cut", "restore"),
+    FaultKind.QKD_INTERCEPT_RESEND: ("intercept", "withdraw"),
+    FaultKind.QKD_PNS: ("split", "withdraw"),
 }
 
 _DESCRIPTIONS: dict[FaultKind, str] = {
@@ -102,4 +133,13 @@ _DESCRIPTIONS: dict[FaultKind, str] = {
                            "frozen until the run ends without it.",
     FaultKind.LINK_CUT: "cut the classical link (`docker network disconnect` / the link shaper drops "
                         "everything); restored after `for`, cut until the run ends without it.",
+    FaultKind.QKD_INTERCEPT_RESEND: "an eavesdropper on the link's QKD optics intercepts the share `fraction` of "
+                                    "the pulses, measures each in a random basis and resends her result (the "
+                                    "QBER rises by about fraction/4); the broker's admin `qkd_eve`, so it works "
+                                    "in every runtime; withdrawn after `for`, on until the run ends without it. "
+                                    "The link needs a `qkd` section.",
+    FaultKind.QKD_PNS: "an eavesdropper on the link's QKD optics splits one photon off every multi-photon pulse "
+                       "and forwards the rest losslessly (photon-number splitting, Brassard et al., PRL 85, "
+                       "1330 (2000)); the broker's admin `qkd_eve`; withdrawn after `for`, on until the run ends "
+                       "without it. The link needs a `qkd` section.",
 }

@@ -25,10 +25,13 @@ Validation happens in three steps, all driven by :func:`check_data`:
    ``node`` or ``link`` as its ``kind`` needs) are field
    validators so the error points at the offending field.
 3. **Cross-field checks** (:func:`_topology_issues`): link endpoints are declared
-   and distinct, no pair is linked twice, app nodes exist and are linked as the
-   app kind needs, expectation targets exist, faults (:func:`_fault_issues`)
-   name a node qnetem starts or an existing link, apply before the run ends
-   and do not overlap on one target.  They run on each list item that
+   and distinct, no pair is linked twice, a link's QKD transmitter is one of its
+   ends, app nodes exist and are linked as the app kind needs (a `qkd` app: a
+   link with `qkd`, its transmitter first, one such app per link), apps start
+   (and `qkd` apps end) before the run does, expectation targets exist, faults
+   (:func:`_fault_issues`) name a node qnetem starts or an existing link (a
+   QKD link for the `qkd-*` kinds), apply before the run ends and do not overlap
+   on one target.  They run on each list item that
    validates *on its own*, so a scenario with a type error in one link and an
    unknown node in another reports both.
 
@@ -58,7 +61,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import (
@@ -78,6 +81,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from emulator.scenario import qkd_params as _qkd
 from emulator.scenario.fault_kinds import FaultKind, FaultTarget
 from emulator.scenario.units import (
     DURATION_UNITS_S,
@@ -89,6 +93,7 @@ from emulator.scenario.units import (
     Lifetime,
     NonNegativeFloat,
     Number,
+    OpenProbability,
     PositiveDuration,
     PositiveFloat,
     Probability,
@@ -106,6 +111,7 @@ __all__ = [
     "NAME_PATTERN",
     "App",
     "AppBase",
+    "CascadeVariant",
     "ClassicalLink",
     "Defaults",
     "Entanglement",
@@ -122,6 +128,10 @@ __all__ = [
     "MetricScope",
     "MetricSpec",
     "Node",
+    "QkdApp",
+    "QkdClassProbabilities",
+    "QkdIntensities",
+    "QkdLink",
     "Role",
     "Scenario",
     "Topology",
@@ -220,6 +230,35 @@ for _spec in (
                "Delivered pairs per emulated second.", frozenset({"epr-test"})),
 ):
     register_metric(_spec)
+
+# What a `qkd` app reports (nodes/apps, from nodes/qkd/session.py `QkdLinkStatistics`).
+# Counts only: never key bits (CONVENTIONS item 14).
+_QKD_APP: Final = frozenset({"qkd"})
+for _name, _unit, _description in (
+    ("final_key_bits", "bits", "Secret key bits that entered the key pool (both ends hold the same)."),
+    ("secret_key_rate_bps", "bit/s", "Final key bits per emulated second of running."),
+    ("qber", "", "QBER of the signal pulses in the key basis over the blocks estimated (the disclosed sample)."),
+    ("qber_x", "", "QBER of the signal pulses in the test basis over the blocks estimated."),
+    ("sifted_bits", "bits", "Detections whose bases agreed (every intensity class, both bases)."),
+    ("detections", "detections", "Detections the receiver registered and announced."),
+    ("blocks_done", "blocks", "Blocks post-processed into key."),
+    ("blocks_aborted", "blocks", "Blocks aborted by parameter estimation (QBER above the threshold, no "
+                                 "single-photon yield, too few counts or no key left), with no key."),
+    ("blocks_discarded", "blocks", "Blocks whose keys still differed after Cascade (verification failed), "
+                                   "with no key."),
+    ("alarms", "alarms", "Eavesdropper alarms: blocks aborted for a QBER above the threshold or a zero "
+                         "single-photon yield."),
+    ("cascade_efficiency", "", "Reconciliation efficiency f = parity bits disclosed / (n h(QBER)), over the "
+                               "blocks reconciled (1 is the Shannon limit)."),
+    ("single_photon_yield_lower", "", "Y1^L: lower bound on the single-photon yield of the last estimated "
+                                      "block (Ma et al. 2005, Eq. (34))."),
+    ("single_photon_error_upper", "", "e1^U: upper bound on the single-photon error rate of the last "
+                                      "estimated block (Ma et al. 2005, Eq. (37))."),
+    ("key_rate_per_pulse", "bits/pulse", "Final key bits per pulse of the blocks finished."),
+    ("auth_rejects", "messages", "Post-processing messages rejected for a bad or replayed authentication tag."),
+    ("detections_dropped", "detections", "Detections the receiver could not announce (its queue was full)."),
+):
+    register_metric(MetricSpec(_name, MetricScope.APP, _unit, _description, _QKD_APP))
 
 
 def _check_metric(value: Any) -> str:
@@ -347,8 +386,119 @@ class Entanglement(_Model):
         return alpha
 
 
+class QkdIntensities(_Model):
+    """Mean photon numbers of the three intensity classes of the transmitter's weak coherent pulses.
+
+    The vacuum + weak decoy bounds need signal > decoy + vacuum and decoy > vacuum
+    (Ma, Qi, Zhao & Lo, PRA 72, 012326 (2005), Eqs. (34)-(37)); the defaults are
+    their GYS values.
+    """
+
+    signal: NonNegativeFloat = Field(
+        _qkd.DEFAULT_INTENSITIES[0], le=_qkd.MAX_MEAN_PHOTON_NUMBER,
+        description="Signal mean photon number mu (0.48: Ma et al.'s optimum for the GYS link), at most 10.",
+    )
+    decoy: NonNegativeFloat = Field(
+        _qkd.DEFAULT_INTENSITIES[1], le=_qkd.MAX_MEAN_PHOTON_NUMBER,
+        description="Weak decoy mean photon number nu.",
+    )
+    vacuum: NonNegativeFloat = Field(
+        _qkd.DEFAULT_INTENSITIES[2], le=_qkd.MAX_MEAN_PHOTON_NUMBER,
+        description="Vacuum decoy mean photon number (0: a true vacuum).",
+    )
+
+    @model_validator(mode="after")
+    def _decoy_ordering(self) -> QkdIntensities:
+        if not (self.decoy > self.vacuum and self.signal > self.decoy + self.vacuum):
+            raise _error(
+                "decoy_ordering",
+                f"the decoy bounds need signal > decoy + vacuum and decoy > vacuum, got signal {self.signal:g}, "
+                f"decoy {self.decoy:g}, vacuum {self.vacuum:g}",
+            )
+        return self
+
+
+class QkdClassProbabilities(_Model):
+    """How often the transmitter picks each intensity class; the three sum to 1, each > 0."""
+
+    signal: Probability = Field(
+        _qkd.DEFAULT_CLASS_PROBABILITIES[0], gt=0.0,
+        description="Probability of a signal pulse (the key comes from these).",
+    )
+    decoy: Probability = Field(
+        _qkd.DEFAULT_CLASS_PROBABILITIES[1], gt=0.0, description="Probability of a weak decoy pulse."
+    )
+    vacuum: Probability = Field(
+        _qkd.DEFAULT_CLASS_PROBABILITIES[2], gt=0.0, description="Probability of a vacuum decoy pulse."
+    )
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> QkdClassProbabilities:
+        total = self.signal + self.decoy + self.vacuum
+        if abs(total - 1.0) > 1e-9:  # the optical kernel's tolerance (emulator.kernels, OpticsParameters)
+            raise _error("class_probabilities_sum", f"signal + decoy + vacuum must be 1, got {total:.12g}")
+        return self
+
+
+class QkdLink(_Model):
+    """The QKD optical layer of a link: decoy-state BB84 with weak coherent pulses (issue 4).
+
+    The transmitter (Alice) fires pulses at `pulse_rate_hz` into the link's fibre
+    (`length_km`, `attenuation_db_per_km` of the link; the GYS link of Ma et al. has
+    0.21 dB/km); the broker samples the receiver's (Bob's) detections and sends them to
+    him. The defaults are the GYS parameter set of Ma, Qi, Zhao & Lo, PRA 72, 012326
+    (2005). A link may carry both `qkd` and `entanglement`.
+    """
+
+    transmitter: Name | None = Field(
+        None, description="The endpoint that sends the pulses (Alice); the other one receives. When omitted: "
+                          "the link's first endpoint.",
+        json_schema_extra={"doc_default": "first endpoint"},
+    )
+    pulse_rate_hz: Frequency = Field(_qkd.DEFAULT_PULSE_RATE_HZ, description="Pulses per emulated second.")
+    intensities: QkdIntensities = Field(
+        default_factory=QkdIntensities, description="Mean photon numbers {signal, decoy, vacuum}."
+    )
+    class_probabilities: QkdClassProbabilities = Field(
+        default_factory=QkdClassProbabilities,
+        description="Probabilities {signal, decoy, vacuum} of the intensity classes. The defaults 0.5, 0.25, "
+                    "0.25 differ from the optics module's 0.8, 0.1, 0.1 on purpose: with the finite-key bounds "
+                    "of Lim et al., PRA 89, 022307 (2014), at about 1e9 pulses per block the decoy and vacuum "
+                    "classes need that share of the pulses to bound the single-photon yield and error "
+                    "tightly enough to leave a key.",
+    )
+    basis_z_probability: OpenProbability = Field(
+        _qkd.DEFAULT_BASIS_Z_PROBABILITY,
+        description="Probability that the transmitter prepares in the Z (key) basis; X is the test basis.",
+    )
+    bob_basis_z_probability: OpenProbability | None = Field(
+        None, description="Probability that the receiver measures in Z; when omitted: the same as "
+                          "`basis_z_probability`.",
+        json_schema_extra={"doc_default": "`basis_z_probability`"},
+    )
+    receiver_efficiency: Efficiency = Field(
+        _qkd.DEFAULT_RECEIVER_EFFICIENCY,
+        description="eta_Bob: detector efficiency times the receiver's internal transmittance, in (0, 1].",
+    )
+    dark_count_probability: Probability = Field(
+        _qkd.DEFAULT_DARK_COUNT_PROBABILITY, lt=1.0,
+        description="Y0: probability of a background click per pulse, both detectors together, in [0, 1).",
+    )
+    misalignment_error: Probability = Field(
+        _qkd.DEFAULT_MISALIGNMENT_ERROR, le=0.5,
+        description="e_detector: probability that a photon hits the wrong detector, in [0, 0.5].",
+    )
+    dead_time_s: Duration = Field(
+        0.0, alias="dead_time", description="After a click both detectors are blind for this long (emulated)."
+    )
+
+    def transmitter_of(self, endpoints: tuple[str, str]) -> str:
+        """The transmitting end of a link with these endpoints."""
+        return endpoints[0] if self.transmitter is None else self.transmitter
+
+
 class Link(_Model):
-    """A fibre between two nodes, with its classical channel and optional heralded entanglement."""
+    """A fibre between two nodes, with its classical channel, optional heralded entanglement and optional QKD."""
 
     endpoints: tuple[Name, Name] = Field(description="The two nodes joined by the link (order does not matter).")
     length_km: PositiveFloat = Field(description="Fibre length in km, > 0.")
@@ -357,6 +507,14 @@ class Link(_Model):
     entanglement: Entanglement | None = Field(
         None, description="Present: the link generates heralded entanglement with these settings."
     )
+    qkd: QkdLink | None = Field(
+        None, description="Present: the link carries decoy-state BB84 pulses with these settings (for a `qkd` app)."
+    )
+
+    @property
+    def qkd_transmitter(self) -> str | None:
+        """The end that sends QKD pulses (None without `qkd`)."""
+        return None if self.qkd is None else self.qkd.transmitter_of(self.endpoints)
 
     @property
     def pair(self) -> frozenset[str]:
@@ -392,6 +550,8 @@ class Topology:
     links: frozenset[frozenset[str]]
     #: Links that carry an `entanglement` section.
     entangling: frozenset[frozenset[str]]
+    #: Links that carry a `qkd` section -> their transmitter (None: not known, the section is broken).
+    qkd: Mapping[frozenset[str], str | None] = field(default_factory=dict, hash=False)
 
     def linked(self, a: str, b: str) -> bool:
         return frozenset((a, b)) in self.links
@@ -454,8 +614,102 @@ class EprTest(AppBase):
                                "give that link an `entanglement` section")
 
 
+class CascadeVariant(enum.StrEnum):
+    """Cascade block-size schedule of a `qkd` app (the values of nodes/qkd/cascade.py `CascadeVariant`)."""
+
+    ORIGINAL = "original"  # Brassard & Salvail, EUROCRYPT '93
+    YAN = "yan"  # Martinez-Mateo et al., QIC 15 (2015), "Cascade opt. (2)" (after Yan et al.)
+    OPT7 = "opt7"  # Martinez-Mateo et al. 2015, "Cascade opt. (7)"
+    OPT8 = "opt8"  # Martinez-Mateo et al. 2015, "Cascade opt. (8)"
+
+
+class QkdApp(AppBase):
+    """Run a decoy-state BB84 QKD session over a QKD link and fill both ends' key pools.
+
+    The first node is the link's QKD transmitter (Alice, who initiates), the second
+    the receiver (Bob); their link needs a `qkd` section. Detections are post-processed
+    in blocks: sifting, parameter estimation (decoy bounds of Ma et al., PRA 72, 012326
+    (2005); finite-key length of Lim et al., PRA 89, 022307 (2014)), Cascade,
+    verification, privacy amplification; every message is authenticated, first with the
+    link's bootstrap key, then with key from the pool. The app stops after `duration`
+    or once `key_bits` final bits are in the pool, whichever comes first; give at least
+    one. At most one `qkd` app per link: the bootstrap key serves one session per link
+    and run.
+    """
+
+    kind: Literal["qkd"] = Field(description="`qkd`.")
+    nodes: tuple[Name, Name] = Field(
+        description="[transmitter, receiver]: the first node must be the link's `qkd.transmitter`."
+    )
+    duration_s: PositiveDuration | None = Field(
+        None, alias="duration",
+        description="Emulated time the link runs, from `start`. `start + duration` must fall before the end of "
+                    "the run, with room for the last block's post-processing.",
+    )
+    key_bits: Count | None = Field(
+        None, ge=1, le=2**53, description="Stop once this many final key bits are in the pool, >= 1."
+    )
+    block_bits: Count = Field(
+        _qkd.DEFAULT_BLOCK_BITS, ge=_qkd.MIN_BLOCK_BITS, le=_qkd.MAX_BLOCK_BITS,
+        description="Signal key-basis bits per post-processing block (before the QBER sample), "
+                    f"{_qkd.MIN_BLOCK_BITS} to 2^24. Larger blocks pay less finite-key penalty but take longer "
+                    "to fill.",
+    )
+    cascade: CascadeVariant = Field(
+        CascadeVariant(_qkd.DEFAULT_CASCADE),
+        description="Cascade variant: `original` (Brassard & Salvail 1993) or options (2) `yan`, (7) `opt7`, "
+                    "(8) `opt8` of Martinez-Mateo et al., QIC 15 (2015).",
+    )
+    epsilon_sec: OpenProbability = Field(
+        _qkd.DEFAULT_EPSILON_SEC, description="Secrecy parameter eps_sec of the finite-key length (Lim et al. 2014)."
+    )
+    epsilon_cor: OpenProbability = Field(
+        _qkd.DEFAULT_EPSILON_COR,
+        description="Correctness parameter eps_cor: the verification hash's failure probability (Lim et al. 2014).",
+    )
+    qber_threshold: Probability = Field(
+        _qkd.DEFAULT_QBER_THRESHOLD, gt=0.0, le=0.5,
+        description="A block whose signal QBER (either basis) exceeds this is aborted and raises an alarm; "
+                    "0.11 is the BB84 limit of Shor & Preskill, PRL 85, 441 (2000). In (0, 0.5].",
+    )
+    sample_fraction: OpenProbability = Field(
+        _qkd.DEFAULT_SAMPLE_FRACTION,
+        description="Share of the signal key-basis bits disclosed to estimate the key-basis QBER.",
+    )
+
+    @model_validator(mode="after")
+    def _some_stop(self) -> QkdApp:
+        if self.duration_s is None and self.key_bits is None:
+            raise _error("qkd_no_stop", "a qkd app needs `duration`, `key_bits` or both, or it would never stop")
+        return self
+
+    def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
+        a, b = self.nodes
+        unknown = False
+        for j, node in enumerate(self.nodes):
+            if node not in topo.nodes:
+                unknown = True
+                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
+        if unknown:
+            return
+        pair = frozenset((a, b))
+        if a == b:
+            yield ("nodes", 1), f"qkd needs two different nodes, got {a!r} twice"
+        elif not topo.linked(a, b):
+            yield ("nodes",), f"qkd needs a direct link between {a!r} and {b!r}; add one under `links`"
+        elif pair not in topo.qkd:
+            yield ("nodes",), (f"qkd needs a QKD link between {a!r} and {b!r}; "
+                               "give that link a `qkd` section")
+        else:
+            transmitter = topo.qkd[pair]
+            if transmitter is not None and transmitter != a:
+                yield ("nodes",), (f"the first node of a qkd app is the link's QKD transmitter {transmitter!r} "
+                                   f"(it initiates); write nodes: [{transmitter}, {a}] or make {a!r} the "
+                                   "link's `qkd.transmitter`")
+
+
 #: App kind -> schema class.  Order fixes the order in the reference.
-_APP_CLASSES: Final[tuple[type[AppBase], ...]] = (EprTest,)
+_APP_CLASSES: Final[tuple[type[AppBase], ...]] = (EprTest, QkdApp)
 APP_KINDS: Final[Mapping[str, type[AppBase]]] = types.MappingProxyType(
     {typing.get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _APP_CLASSES}
 )
@@ -494,7 +748,7 @@ class Expectation(_Model):
 
 
 class Fault(_Model):
-    """A fault the runtime injects at the process or container boundary.
+    """A fault the runtime injects at the process or container boundary, or an eavesdropper on a QKD link.
 
     At `at` the fault is applied to its target (a `node` or a `link`, as its
     `kind` says); after `for` it is reverted. Times are emulated and count from the
@@ -503,7 +757,11 @@ class Fault(_Model):
     except `node-restart`, which then starts the node again at once. A `for` may
     run past `duration`: when the run ends, frozen nodes are resumed and cut links
     restored before everything stops. External nodes cannot be crashed, restarted
-    or frozen: qnetem did not start them. See [Fault kinds](#fault-kinds).
+    or frozen: qnetem did not start them. The `qkd-*` kinds switch the eavesdropper
+    in the broker's optics of a link with a `qkd` section; they may not overlap each
+    other on one link (they set its eavesdropper as a whole) but may overlap a
+    `link-cut` of that link (which cuts the classical channel, not the photons).
+    See [Fault kinds](#fault-kinds).
     """
 
     kind: FaultKind = Field(description="What to inject, see [Fault kinds](#fault-kinds).")
@@ -512,16 +770,23 @@ class Fault(_Model):
     )
     node: Name | None = Field(
         None, validate_default=True,
-        description="The node, for `node-*` kinds (required there, not allowed for `link-cut`); not an external node.",
+        description="The node, for `node-*` kinds (required there, not allowed for `link-cut` and `qkd-*`); "
+                    "not an external node.",
     )
     link: tuple[Name, Name] | None = Field(
         None, validate_default=True,
-        description="The endpoints of an existing link, either order, for `link-cut` (required there, not allowed otherwise).",
+        description="The endpoints of an existing link, either order, for `link-cut` and the `qkd-*` kinds "
+                    "(required there, not allowed otherwise).",
     )
     for_s: PositiveDuration | None = Field(
         None, alias="for",
         description="How long the fault lasts before it is reverted, > 0; absent: until the run ends "
                     "(`node-restart`: the node is started again at once).",
+    )
+    fraction: Number | None = Field(
+        None, validate_default=True,
+        description="For `qkd-intercept-resend` (required there, not allowed otherwise): the share of the pulses "
+                    "Eve intercepts and resends, > 0 and <= 1; the QBER rises by about fraction/4.",
     )
 
     @field_validator("node")
@@ -547,6 +812,22 @@ class Fault(_Model):
                 raise _error("fault_link_forbidden", f"{kind} acts on a node, not a link: remove `link` and give `node`")
         return link
 
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_matches_kind(cls, fraction: float | None, info: ValidationInfo) -> float | None:
+        kind = info.data.get("kind")
+        if isinstance(kind, FaultKind):
+            if kind.takes_fraction and fraction is None:
+                raise _error("fault_fraction_missing",
+                             f"missing required field 'fraction': {kind} intercepts this share of the pulses, "
+                             "> 0 and <= 1 (e.g. 0.5)")
+            if not kind.takes_fraction and fraction is not None:
+                raise _error("fault_fraction_forbidden",
+                             f"{kind} takes no `fraction` (only qkd-intercept-resend does): remove it")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise _error("fault_fraction_range", f"fraction must be > 0 and <= 1, got {fraction:g}")
+        return fraction
+
     @property
     def end_s(self) -> float:
         """When the fault stops being in force: `at + for`; without `for` inf (`node-restart`: `at`)."""
@@ -555,8 +836,10 @@ class Fault(_Model):
         return math.inf if self.kind.lasts_to_end_without_for else self.at_s
 
     def describe(self) -> str:
-        """`node-crash bob at 2 s for 3 s`, `link-cut [alice, bob] at 8 s until the end`."""
+        """`node-crash bob at 2 s for 3 s`, `qkd-intercept-resend [alice, bob] fraction 0.5 at 8 s until the end`."""
         target = self.node if self.link is None else f"[{self.link[0]}, {self.link[1]}]"
+        if self.fraction is not None:
+            target = f"{target} fraction {self.fraction:g}"
         text = f"{self.kind} {target} at {_fmt_s(self.at_s)}"
         if self.for_s is not None:
             return f"{text} for {_fmt_s(self.for_s)}"
@@ -610,19 +893,20 @@ class Scenario(_Model):
         # direct construction gets them here, in one message.
         if info.context and info.context.get(_SKIP_CROSS_CHECKS):
             return self
+        links = [
+            _LinkFacts(i, link.endpoints, link.entanglement is not None, link.qkd is not None, link.qkd_transmitter)
+            for i, link in enumerate(self.links)
+        ]
         issues = _topology_issues(
-            frozenset(self.nodes),
-            [(i, link.endpoints, link.entanglement is not None) for i, link in enumerate(self.links)],
-            list(enumerate(self.apps)),
-            list(enumerate(self.expect)),
-            self.duration_s,
-            None,
+            frozenset(self.nodes), links, list(enumerate(self.apps)), list(enumerate(self.expect)),
+            self.duration_s, None,
         )
         issues += _fault_issues(
             {name: node.external for name, node in self.nodes.items()},
-            [link.endpoints for link in self.links],
+            [link.endpoints for link in links],
             list(enumerate(self.faults)),
             self.duration_s,
+            frozenset(frozenset(link.endpoints) for link in links if link.qkd),
         )
         if issues:
             raise _error("scenario", "; ".join(f"{format_path(i.loc)}: {i.message}" for i in issues))
@@ -657,6 +941,7 @@ class Scenario(_Model):
             nodes=frozenset(self.nodes),
             links=frozenset(link.pair for link in self.links),
             entangling=frozenset(link.pair for link in self.links if link.entanglement is not None),
+            qkd={link.pair: link.qkd_transmitter for link in self.links if link.qkd is not None},
         )
 
 
@@ -786,9 +1071,22 @@ class FieldIssue:
     on_key: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _LinkFacts:
+    """What the cross-checks need of one link that is valid enough to name its endpoints."""
+
+    index: int
+    endpoints: tuple[str, str]
+    entanglement: bool
+    qkd: bool = False
+    #: The QKD transmitter as written or by default (the first endpoint); None when the
+    #: `qkd` section is too broken to tell (its own problem is reported where it is).
+    qkd_transmitter: str | None = None
+
+
 def _topology_issues(
     node_names: frozenset[str] | None,
-    links: Sequence[tuple[int, tuple[str, str], bool]],
+    links: Sequence[_LinkFacts],
     apps: Sequence[tuple[int, AppBase]],
     expectations: Sequence[tuple[int, Expectation]],
     duration_s: float | None,
@@ -804,7 +1102,9 @@ def _topology_issues(
     issues: list[FieldIssue] = []
     first_index: dict[frozenset[str], int] = {}
     entangling: set[frozenset[str]] = set()
-    for i, (a, b), has_entanglement in links:
+    qkd: dict[frozenset[str], str | None] = {}
+    for link in links:
+        i, (a, b) = link.index, link.endpoints
         ok = True
         if node_names is not None:
             for j, node in enumerate((a, b)):
@@ -824,14 +1124,23 @@ def _topology_issues(
                                      f"duplicate link between {a!r} and {b!r} (first declared as links[{first_index[pair]}])"))
             continue
         first_index[pair] = i
-        if has_entanglement:
+        if link.entanglement:
             entangling.add(pair)
+        if link.qkd:
+            transmitter = link.qkd_transmitter
+            if transmitter is not None and transmitter not in (a, b):
+                issues.append(FieldIssue(("links", i, "qkd", "transmitter"),
+                                         f"the transmitter must be an endpoint of the link ({a!r} or {b!r}), "
+                                         f"got {transmitter!r}"))
+                transmitter = None
+            qkd[pair] = transmitter
 
     topo = None
     if node_names is not None:
-        topo = Topology(nodes=node_names, links=frozenset(first_index), entangling=frozenset(entangling))
+        topo = Topology(nodes=node_names, links=frozenset(first_index), entangling=frozenset(entangling), qkd=qkd)
 
     app_kinds: dict[str, str] = {}
+    qkd_apps: dict[frozenset[str], tuple[int, str]] = {}  # link -> (index, name) of its qkd app
     declared_apps = {app.name for _, app in apps} | set(more_app_names or ())
     for i, app in apps:
         if app.name in app_kinds:
@@ -840,9 +1149,24 @@ def _topology_issues(
             app_kinds[app.name] = app.kind
         if topo is not None:
             issues.extend(FieldIssue(("apps", i, *sub), message) for sub, message in app.topology_issues(topo))
+        app_duration_s = getattr(app, "duration_s", None)
         if duration_s is not None and app.start_s >= duration_s:
             issues.append(FieldIssue(("apps", i, "start"),
                                      f"starts at {_fmt_s(app.start_s)}, not before the end of the run ({_fmt_s(duration_s)})"))
+        elif duration_s is not None and app_duration_s is not None and app.start_s + app_duration_s >= duration_s:
+            issues.append(FieldIssue(("apps", i, "duration"),
+                                     f"runs until {_fmt_s(app.start_s + app_duration_s)}, not before the end of the "
+                                     f"run ({_fmt_s(duration_s)}); leave time for the last block's post-processing"))
+        if topo is not None and isinstance(app, QkdApp) and frozenset(app.nodes) in topo.qkd:
+            pair = frozenset(app.nodes)
+            if pair in qkd_apps:
+                j, first = qkd_apps[pair]
+                issues.append(FieldIssue(("apps", i, "nodes"),
+                                         f"a second qkd app on the link between {app.nodes[0]!r} and {app.nodes[1]!r} "
+                                         f"(the first is apps[{j}], {first!r}): the link's bootstrap authentication "
+                                         "key serves one QKD session per link and run"))
+            else:
+                qkd_apps[pair] = (i, app.name)
 
     for i, expectation in expectations:
         spec = METRICS.get(expectation.metric)
@@ -885,12 +1209,17 @@ def _fault_issues(
     links: Sequence[tuple[str, str]],
     faults: Sequence[tuple[int, Fault]],
     duration_s: float | None,
+    qkd_links: frozenset[frozenset[str]] = frozenset(),
 ) -> list[FieldIssue]:
     """Cross-field checks of `faults`, on faults that are valid on their own.
 
     `nodes` maps each declared node to its `external` flag (None: the `nodes`
     section is broken, node existence is not checked); `links` are the declared
-    endpoint pairs in file order.
+    endpoint pairs in file order, `qkd_links` those with a `qkd` section.
+
+    Targets for the overlap rule: a node, a link's classical channel (`link-cut`),
+    a link's eavesdropper (the `qkd-*` kinds, which set it as a whole). A `link-cut`
+    and a `qkd-*` fault on one link act on different things and may overlap.
     """
     issues: list[FieldIssue] = []
     pairs = {frozenset(pair) for pair in links if pair[0] != pair[1]}
@@ -924,8 +1253,13 @@ def _fault_issues(
                 shown = ", ".join(f"[{x}, {y}]" for x, y in links[:8]) or "none"
                 issues.append(FieldIssue(("faults", i, "link"), f"no link between {a!r} and {b!r} (links: {shown})"))
                 ok = False
+            if ok and fault.kind.eavesdrops and frozenset((a, b)) not in qkd_links:
+                issues.append(FieldIssue(("faults", i, "link"),
+                                         f"{fault.kind} needs a QKD link: the link between {a!r} and {b!r} has no "
+                                         "`qkd` section"))
+                ok = False
             if ok:
-                target = ("link", *sorted((a, b)))
+                target = ("eve" if fault.kind.eavesdrops else "link", *sorted((a, b)))
         if duration_s is not None and fault.at_s >= duration_s:
             issues.append(FieldIssue(("faults", i, "at"),
                                      f"at {_fmt_s(fault.at_s)}, not before the end of the run ({_fmt_s(duration_s)})"))
@@ -934,7 +1268,11 @@ def _fault_issues(
         clash = next(((j, other) for j, other, t in checked if t == target and _windows_overlap(other, fault)), None)
         if clash is not None:
             j, other = clash
-            what = f"node {target[1]!r}" if target[0] == "node" else f"link [{target[1]}, {target[2]}]"
+            if target[0] == "node":
+                what = f"node {target[1]!r}"
+            else:
+                what = f"link [{target[1]}, {target[2]}]"
+                what = f"the eavesdropper of {what}" if target[0] == "eve" else what
             issues.append(FieldIssue(("faults", i),
                                      f"{fault.describe()} overlaps faults[{j}] ({other.describe()}) on {what}; "
                                      "faults on one target must not overlap in time"))
@@ -970,7 +1308,12 @@ def _raw_cross_issues(data: Any) -> list[FieldIssue]:
                 a, b = _ENDPOINTS_ADAPTER.validate_python(link.get("endpoints"))
             except ValidationError:
                 continue
-            links.append((i, (a, b), link.get("entanglement") is not None))
+            raw_qkd = link.get("qkd")
+            transmitter: str | None = None
+            if isinstance(raw_qkd, dict):
+                written = raw_qkd.get("transmitter")
+                transmitter = a if written is None else (written if _is_name(written) else None)
+            links.append(_LinkFacts(i, (a, b), link.get("entanglement") is not None, raw_qkd is not None, transmitter))
     apps = _valid_items(data.get("apps"), _APP_ADAPTER)
     raw_apps = data.get("apps")
     all_app_names = frozenset(
@@ -987,7 +1330,8 @@ def _raw_cross_issues(data: Any) -> list[FieldIssue]:
     if node_names is not None and isinstance(nodes, dict):
         external = {k: isinstance(v, dict) and v.get("external") is True for k, v in nodes.items() if k in node_names}
     faults = _valid_items(data.get("faults"), _FAULT_ADAPTER)
-    issues += _fault_issues(external, [pair for _, pair, _ in links], faults, duration_s)
+    issues += _fault_issues(external, [link.endpoints for link in links], faults, duration_s,
+                            frozenset(frozenset(link.endpoints) for link in links if link.qkd))
     return issues
 
 
@@ -1254,8 +1598,8 @@ def _model_section(title: str, model: type[BaseModel]) -> list[str]:
     return lines
 
 
-_VALUE_TYPES: Final = (Name, Count, Number, PositiveFloat, NonNegativeFloat, Probability, Efficiency, Duration,
-                       PositiveDuration, Lifetime, Frequency, MetricName)
+_VALUE_TYPES: Final = (Name, Count, Number, PositiveFloat, NonNegativeFloat, Probability, OpenProbability, Efficiency,
+                       Duration, PositiveDuration, Lifetime, Frequency, MetricName)
 
 
 def render_reference() -> str:
@@ -1264,6 +1608,7 @@ def render_reference() -> str:
     models: list[tuple[str, type[BaseModel]]] = [
         ("Scenario", Scenario), ("Defaults", Defaults), ("LinkDefaults", LinkDefaults), ("Node", Node),
         ("Memory", Memory), ("Link", Link), ("ClassicalLink", ClassicalLink), ("Entanglement", Entanglement),
+        ("QkdLink", QkdLink), ("QkdIntensities", QkdIntensities), ("QkdClassProbabilities", QkdClassProbabilities),
     ]
     models += [(_app_title(cls), cls) for cls in _APP_CLASSES]
     models += [("Expectation", Expectation), ("Fault", Fault)]

@@ -47,6 +47,7 @@ __all__ = [
     "Lifetime",
     "NonNegativeFloat",
     "Number",
+    "OpenProbability",
     "PositiveDuration",
     "PositiveFloat",
     "Probability",
@@ -59,6 +60,7 @@ __all__ = [
     "parse_lifetime_s",
     "parse_non_negative_float",
     "parse_number",
+    "parse_open_probability",
     "parse_positive_duration_s",
     "parse_positive_float",
     "parse_probability",
@@ -172,6 +174,14 @@ def parse_probability(value: Any) -> float:
     return x
 
 
+def parse_open_probability(value: Any) -> float:
+    """A number in the open interval (0, 1): a security parameter, a basis choice, a sample share."""
+    x = _as_float(value, "open_probability", "a number > 0 and < 1")
+    if not 0.0 < x < 1.0:
+        raise UnitError("open_probability", f"must be > 0 and < 1, got {_show(value)}")
+    return x
+
+
 def parse_efficiency(value: Any) -> float:
     """A number in the half-open interval (0, 1]: an efficiency of 0 never detects anything."""
     x = _as_float(value, "efficiency", "an efficiency (number in (0, 1])")
@@ -279,6 +289,9 @@ Number = Annotated[float, _pydantic(parse_number), TypeDoc("number", _NUMBER_TEX
 PositiveFloat = Annotated[float, _pydantic(parse_positive_float), TypeDoc("number > 0", _NUMBER_TEXT + ", > 0")]
 NonNegativeFloat = Annotated[float, _pydantic(parse_non_negative_float), TypeDoc("number >= 0", _NUMBER_TEXT + ", >= 0")]
 Probability = Annotated[float, _pydantic(parse_probability), TypeDoc("probability", "a number from 0 to 1")]
+OpenProbability = Annotated[
+    float, _pydantic(parse_open_probability), TypeDoc("probability in (0, 1)", "a number > 0 and < 1")
+]
 Efficiency = Annotated[float, _pydantic(parse_efficiency), TypeDoc("efficiency", "a number > 0 and <= 1")]
 Count = Annotated[int, _pydantic(parse_count), TypeDoc("integer", 'a whole number; integral text such as "1e3" counts')]
 Duration = Annotated[

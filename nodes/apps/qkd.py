@@ -32,14 +32,19 @@ Sifting allows gaps (announcements cover only what was kept), so the pulses of d
 windows count for nothing and the decoy estimates stay unbiased; the secret key rate per
 second of emission shows the loss.
 
-Results (``results()``, counts and rates only — never key bits): final_key_bits,
+Results (``results()``, counts and rates only — never key bits): final_key_bits
+(added to the pool), net_key_bits (of those, not taken back for authentication),
 secret_key_rate_bps (final bits per emulated second of emission), qber / qber_x (signal
 QBER of the key / test basis, over every estimated block), qber_last_block,
 qber_per_intensity of the last block, sifted_bits, detections, pulses,
 blocks_done/aborted/discarded, alarms and the last alarm's reason, cascade_efficiency (f),
 single_photon_yield_lower / single_photon_error_upper of the last block,
 key_rate_per_pulse, leaked_bits, frame_errors, auth_rejects, protocol_rejects,
-auth_refills, detections_dropped, pulses_dropped, pool_match.
+auth_refills, detections_dropped, pulses_dropped, pool_match; and ``blocks``, the last
+``BLOCK_LOG_LENGTH`` finished blocks, each with ``seq`` (1, 2, ... over the run),
+``block``, ``outcome`` ("key", "aborted", "discarded"), ``reason``, ``alarm``, pulses,
+detections, QBER per class and basis, gains, Y1^L, e1^U, f, leaked and final bits, and
+the emulated times it was sifted and finished.
 
 Parameters (``app_start`` params): ``role`` ("initiator" on the transmitter, "responder"
 on the receiver), ``peer`` (a neighbour over a link with QKD), ``duration_s`` and/or
@@ -58,6 +63,7 @@ import hashlib
 import hmac
 import math
 import zlib
+from collections import deque
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -73,6 +79,8 @@ from nodes.qkd.keypool import KeyPool
 from nodes.qkd.session import (
     BlockAborted,
     BlockDiscarded,
+    BlockEstimated,
+    BlockReconciled,
     BlockSifted,
     EavesdropperAlarmRaised,
     Envelope,
@@ -92,6 +100,9 @@ from .base import App, AppContext, AppParamError, AppState
 __all__ = ["QkdApp", "QkdParams", "QkdRole"]
 
 _MAX_KEY_BITS = 1 << 40
+#: Finished blocks kept in `results()["blocks"]` (the orchestrator polls far more often
+#: than blocks finish, and turns each new record into a `qkd_block` event).
+BLOCK_LOG_LENGTH = 32
 _SALT_BYTES = 16
 
 
@@ -241,6 +252,7 @@ class QkdApp(App):
         pool = ctx.key_pools.pool(params.peer) if ctx.key_pools is not None else KeyPool(params.peer)
         self.pool = pool
         self._pool_bits_at_start = pool.bits_added
+        self._pool_taken_at_start = pool.statistics().bits_taken
         config = self._session_config(params, info)
         backend = get_backend()
         self.session: QkdLinkAlice | QkdLinkBob
@@ -277,6 +289,9 @@ class QkdApp(App):
         self._key_errors = [0, 0]
         self._last_block_qber: float | None = None
         self._last_alarm: str | None = None
+        self._open: dict[int, dict[str, Any]] = {}  # per-block records not finished yet
+        self._block_log: deque[dict[str, Any]] = deque(maxlen=BLOCK_LOG_LENGTH)
+        self._block_seq = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -376,20 +391,20 @@ class QkdApp(App):
     def _receive_envelope(self, body: Mapping[str, Any], now: float) -> None:
         seq, raw, tag = body.get("seq"), body.get("msg"), body.get("tag")
         if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(raw, bytes) or not isinstance(tag, bytes):
-            self._count_bad_envelope("envelope fields of the wrong type")
+            self._count_bad_envelope("envelope fields of the wrong type", now)
             return
         try:
             message = message_from_payload(raw)
         except PayloadError as exc:
-            self._count_bad_envelope(exc.message)
+            self._count_bad_envelope(exc.message, now)
             return
         self.session.receive(Envelope(seq, message, tag), now)
         self._after_session(now)
 
-    def _count_bad_envelope(self, reason: str) -> None:
+    def _count_bad_envelope(self, reason: str, now: float) -> None:
         self.session.reject_unreadable(reason)
         while (event := self.session.next_event()) is not None:
-            self._note(event)
+            self._note(event, now)
 
     def _on_timer(self, now: float) -> None:
         if self._alice and not self._ready:
@@ -412,14 +427,16 @@ class QkdApp(App):
                 {"op": "pp", "seq": env.seq, "msg": payload_bytes(env.message), "tag": env.tag},
             )  # fmt: skip
         while (event := self.session.next_event()) is not None:
-            self._note(event)
+            self._note(event, now)
         if self._alice:
             target = self.p.key_bits
             if target is not None and self.pool.bits_added - self._pool_bits_at_start >= target and not self._stop_sent:
                 self._stop(now)
             self._maybe_end(now)
 
-    def _note(self, event: object) -> None:
+    def _note(self, event: object, now: float) -> None:
+        """Run-wide QBER from every sifted block; a per-block record, finished (and
+        numbered for the block log) when the block's key is added or it is dropped."""
         if isinstance(event, BlockSifted):
             c = event.counts
             sig = int(IntensityClass.SIGNAL)
@@ -428,10 +445,50 @@ class QkdApp(App):
                 self._key_errors[i] += c.errors[sig][basis]
             d = c.disclosed[sig][c.key_basis]
             self._last_block_qber = c.errors[sig][c.key_basis] / d if d else None
+            self._open[c.block_id] = {
+                "block": c.block_id, "pulses": c.pulses, "detections": sum(c.detections),
+                "key_bits_in": c.key_bits, "sifted_at_s": round(now, 6),
+                "qber_by_class": {  # [Z, X] per intensity class, from the disclosed bits
+                    name: [c.errors[k][b] / c.disclosed[k][b] if c.disclosed[k][b] else None for b in (0, 1)]
+                    for k, name in enumerate(("signal", "decoy", "vacuum"))
+                },
+            }  # fmt: skip
+        elif isinstance(event, BlockEstimated):
+            est = event.estimate
+            rec = self._open.setdefault(est.block_id, {"block": est.block_id})
+            rec.update({
+                "qber": _nan_to_none(est.qber), "qber_x": _nan_to_none(est.test_basis_qber),
+                "gains": [_nan_to_none(g) for g in est.gains],
+                "single_photon_yield_lower": _nan_to_none(est.bounds.yield_lower),
+                "single_photon_error_upper": _nan_to_none(est.bounds.error_rate_upper),
+            })  # fmt: skip
         elif isinstance(event, EavesdropperAlarmRaised):
-            self._last_alarm = str(getattr(event.alarm, "reason", event.alarm))[:200]
-        elif isinstance(event, BlockAborted | BlockDiscarded | KeyAdded):
-            pass  # counted by the session's statistics
+            alarm = event.alarm
+            self._last_alarm = alarm.reason.value
+            # The session reports the alarm right after the block's abort (same input).
+            done = self._block_log[-1] if self._block_log else None
+            if done is not None and done["block"] == alarm.block_id:
+                done["alarm"] = alarm.reason.value
+            else:
+                self._open.setdefault(alarm.block_id, {"block": alarm.block_id})["alarm"] = alarm.reason.value
+        elif isinstance(event, BlockReconciled):
+            self._open.setdefault(event.block_id, {"block": event.block_id}).update(
+                {"cascade_efficiency": _nan_to_none(event.efficiency), "leaked_bits": event.leaked_bits,
+                 "frame_errors": event.frame_errors}
+            )  # fmt: skip
+        elif isinstance(event, BlockAborted):
+            self._close_block(event.block_id, "aborted", now, reason=event.reason.value)
+        elif isinstance(event, BlockDiscarded):
+            self._close_block(event.block_id, "discarded", now, reason=event.reason)
+        elif isinstance(event, KeyAdded):
+            self._close_block(event.block_id, "key", now, final_bits=event.bits)
+
+    def _close_block(self, block_id: int, outcome: str, now: float, **extra: Any) -> None:
+        rec = self._open.pop(block_id, {"block": block_id})
+        self._block_seq += 1
+        rec.update(extra, outcome=outcome, seq=self._block_seq, at_s=round(now, 6))
+        rec.setdefault("final_bits", 0)
+        self._block_log.append(rec)
 
     def _stop(self, now: float) -> None:
         self._stop_sent = True
@@ -505,4 +562,6 @@ class QkdApp(App):
             "pool_bits_available": self.pool.bits_available,
             "pool_match": self._pool_match,
             "stopped": self._stopped_reason,
+            "net_key_bits": final - (self.pool.statistics().bits_taken - self._pool_taken_at_start),
+            "blocks": list(self._block_log),
         }

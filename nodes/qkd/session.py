@@ -103,6 +103,7 @@ __all__ = [
     "AmplificationSeed",
     "BlockAborted",
     "BlockDiscarded",
+    "BlockEstimated",
     "BlockReconciled",
     "BlockSifted",
     "BlockVerified",
@@ -305,6 +306,18 @@ class Envelope:
 
 
 @_frozen
+class BlockEstimated:
+    """Parameter estimation of block `estimate.block_id` is done (public numbers only:
+    gains, error rates per class and basis, decoy bounds, the decision)."""
+
+    estimate: Estimate
+
+    @property
+    def block_id(self) -> int:
+        return self.estimate.block_id
+
+
+@_frozen
 class BlockAborted:
     """Estimation stopped block `block_id` (no key from it); qber: the worse signal QBER."""
 
@@ -360,7 +373,7 @@ class MessageRejected:
 
 
 QkdEvent = Union[
-    BlockSifted, BlockAborted, EavesdropperAlarmRaised, BlockReconciled,
+    BlockSifted, BlockEstimated, BlockAborted, EavesdropperAlarmRaised, BlockReconciled,
     BlockVerified, BlockDiscarded, KeyAdded, MessageRejected,
 ]  # fmt: skip
 
@@ -579,6 +592,7 @@ class _End(abc.ABC):
         if not est.decision.abort and len(sifted) == 0:
             no_bits = dataclasses.replace(est.decision, reasons=(AbortReason.INSUFFICIENT_STATISTICS,))
             est = dataclasses.replace(est, decision=no_bits)
+        self._events.append(BlockEstimated(est))
         if est.decision.abort:
             self._m.aborted += 1
             self._m.block_pulses += sifted.counts.pulses

@@ -175,19 +175,33 @@ def test_node_faults_refused_with_one_line_each(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as info:
         document_of(write(tmp_path, "faults.yaml", text))
     problems = info.value.problems
+    only = "a compose project supports link-cut and the qkd-* eavesdroppers only"
     assert problems == [
-        "fault 1 (node-crash bob at 1 s for 1 s): node faults need `qnetem run --runtime docker` or the local "
-        "runtime; a compose project supports link-cut only",
-        "fault 3 (node-freeze relay at 3 s for 1 s): node faults need `qnetem run --runtime docker` or the local "
-        "runtime; a compose project supports link-cut only",
-        "fault 4 (node-restart alice at 4 s): node faults need `qnetem run --runtime docker` or the local "
-        "runtime; a compose project supports link-cut only",
+        f"fault 1 (node-crash bob at 1 s for 1 s): node faults need `qnetem run --runtime docker` or the local "
+        f"runtime; {only}",
+        f"fault 3 (node-freeze relay at 3 s for 1 s): node faults need `qnetem run --runtime docker` or the local "
+        f"runtime; {only}",
+        f"fault 4 (node-restart alice at 4 s): node faults need `qnetem run --runtime docker` or the local "
+        f"runtime; {only}",
     ]
 
 
 def test_link_cut_allowed(tmp_path: Path) -> None:
     text = CHAIN + "faults:\n  - {at: 2s, kind: link-cut, link: [alice, relay], for: 1s}\n"
     document = document_of(write(tmp_path, "cut.yaml", text))
+    assert "conductor" in document["services"]
+
+
+def test_eavesdropper_faults_allowed(tmp_path: Path) -> None:
+    # They go to the broker's admin session (the conductor has one), not to a container.
+    text = CHAIN.replace("{endpoints: [relay, bob], ", "{endpoints: [relay, bob], qkd: {transmitter: bob}, ") + (
+        "faults:\n"
+        "  - {at: 2s, kind: qkd-intercept-resend, link: [bob, relay], fraction: 0.25, for: 1s}\n"
+        "  - {at: 4s, kind: qkd-pns, link: [relay, bob]}\n"
+        "  - {at: 2s, kind: link-cut, link: [relay, bob], for: 5s}\n"
+    )
+    assert "qkd: {transmitter: bob}" in text
+    document = document_of(write(tmp_path, "eve.yaml", text))
     assert "conductor" in document["services"]
 
 

@@ -1,26 +1,39 @@
-"""Faults in the run plan (`FaultPlan`, `plan_from_scenario`) and the sans-IO `FaultSchedule`.
+"""Faults in the run plan (`FaultPlan`, `plan_from_scenario`), the sans-IO `FaultSchedule`,
+and the driver's eavesdropper steps (`RunDriver._fault` -> the broker's `qkd_eve`).
 
 Every schedule test drives the schedule with a fake `now` (plain floats, broker
-emulated seconds); nothing here reads a clock.
+emulated seconds); nothing here reads a clock. The driver tests talk to an in-memory
+fake broker (trio memory streams): no process, no socket.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
+from rich.console import Console
 
+from emulator.report.events import read_events
+from emulator.runtime.admin_client import AdminClient, AdminRequestError
+from emulator.runtime.driver import ADMIN_TOKEN_ENV, TOKEN_ENV, PreparedRun, RunDriver, RunOptions, RuntimeFailure
 from emulator.runtime.faults import FaultAction, FaultSchedule, FaultStep
 from emulator.runtime.orchestrator import FaultKind, FaultPlan, PlanError, RunPlan, plan_from_scenario
 from emulator.scenario import load_scenario, parse_scenario
+from emulator.wire import Error, FrameDecoder, Ok, QkdEve, decode, encode_framed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 APPLY, REVERT = FaultStep.APPLY, FaultStep.REVERT
 CRASH, RESTART, FREEZE, CUT = FaultKind.NODE_CRASH, FaultKind.NODE_RESTART, FaultKind.NODE_FREEZE, FaultKind.LINK_CUT
+IR, PNS = FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS
 ORIGIN = 100.0  # the broker's emulated time when every node had registered
 
 
@@ -38,6 +51,15 @@ def freeze(index: int, at_s: float, for_s: float | None = None, node: str = "bob
 
 def cut(index: int, at_s: float, for_s: float | None = None, link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:
     return FaultPlan(index, CUT, at_s, for_s, link=link)
+
+
+def intercept(index: int, at_s: float, for_s: float | None = None, fraction: float = 0.5,
+              link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:  # fmt: skip
+    return FaultPlan(index, IR, at_s, for_s, link=link, fraction=fraction)
+
+
+def pns(index: int, at_s: float, for_s: float | None = None, link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:
+    return FaultPlan(index, PNS, at_s, for_s, link=link)
 
 
 def steps(actions: list[FaultAction]) -> list[tuple[int, str, float]]:
@@ -76,6 +98,18 @@ def test_fault_plan_to_dict_is_json() -> None:
     assert json.loads(json.dumps(crash(1, 2.0).to_dict(), allow_nan=False))["for_s"] is None
 
 
+def test_eavesdropper_plans() -> None:
+    ir = intercept(5, 2.0, 1.0, fraction=0.25)
+    assert ir.describe() == "qkd-intercept-resend [alice, bob] fraction 0.25 at 2 s for 1 s"
+    assert pns(6, 3.0).describe() == "qkd-pns [alice, bob] at 3 s until the end"
+    assert (ir.intercept_fraction, pns(6, 3.0).intercept_fraction) == (0.25, 0.0)
+    assert ir.to_dict() == {"index": 5, "kind": "qkd-intercept-resend", "at_s": 2.0, "for_s": 1.0, "node": None,
+                            "link": ["alice", "bob"], "fraction": 0.25,
+                            "description": "qkd-intercept-resend [alice, bob] fraction 0.25 at 2 s for 1 s"}
+    assert "fraction" not in pns(6, 3.0).to_dict()  # only the kinds that have one
+    assert (ir.revert_s, pns(6, 3.0).revert_s) == (3.0, None)  # Eve stays on to the end without `for`
+
+
 def test_fault_plan_takes_kind_names() -> None:
     plan = FaultPlan(1, "link-cut", 1.0, None, link=["alice", "bob"])  # type: ignore[arg-type]
     assert plan.kind is CUT and plan.link == ("alice", "bob") and plan == cut(1, 1.0)
@@ -94,6 +128,12 @@ def test_fault_plan_takes_kind_names() -> None:
         ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": None}, "needs exactly a node"),
         ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": None, "node": "bob", "link": ("a", "b")}, "exactly a node"),
         ({"index": 1, "kind": CUT, "at_s": 1.0, "for_s": None, "node": "bob"}, "needs exactly a link"),
+        ({"index": 1, "kind": IR, "at_s": 1.0, "for_s": None, "link": ("a", "b")}, "needs a fraction in"),
+        ({"index": 1, "kind": IR, "at_s": 1.0, "for_s": None, "link": ("a", "b"), "fraction": 0.0}, "fraction in"),
+        ({"index": 1, "kind": IR, "at_s": 1.0, "for_s": None, "link": ("a", "b"), "fraction": 1.01}, "fraction in"),
+        ({"index": 1, "kind": IR, "at_s": 1.0, "for_s": None, "node": "bob", "fraction": 0.5}, "exactly a link"),
+        ({"index": 1, "kind": PNS, "at_s": 1.0, "for_s": None, "link": ("a", "b"), "fraction": 0.5}, "no fraction"),
+        ({"index": 1, "kind": CRASH, "at_s": 1.0, "for_s": None, "node": "bob", "fraction": 0.5}, "no fraction"),
     ],
 )
 def test_fault_plan_rejects_nonsense(kwargs: dict[str, Any], fragment: str) -> None:
@@ -172,6 +212,48 @@ def test_plan_rejects_faults_it_cannot_run(fault: dict[str, Any], fragment: str)
     }  # fmt: skip
     with pytest.raises(PlanError, match=fragment.replace("(", r"\(")):
         plan_from_scenario(data)
+
+
+QKD_SCENARIO = {
+    "name": "t", "duration": 10.0,
+    "nodes": {"alice": {}, "bob": {}, "carol": {}},
+    "links": [{"endpoints": ["alice", "bob"], "qkd": {}}, {"endpoints": ["bob", "carol"], "qkd": None}],
+}  # fmt: skip
+
+
+def test_plan_carries_eavesdroppers() -> None:
+    text = SCENARIO_TEXT.split("faults:")[0].replace("    entanglement: {}\n", "    entanglement: {}\n    qkd: {}\n")
+    text += ("faults:\n  - {at: 2s, kind: qkd-intercept-resend, link: [bob, alice], fraction: 0.5, for: 1s}\n"
+             "  - {at: 3s, kind: qkd-pns, link: [alice, bob]}\n  - {at: 2s, kind: link-cut, link: [alice, bob]}\n")
+    scenario = parse_scenario(text)
+    plan = plan_from_scenario(scenario)
+    assert plan.faults == (intercept(1, 2.0, 1.0, fraction=0.5), pns(2, 3.0), cut(3, 2.0))
+    from emulator.scenario import scenario_to_dict
+
+    assert plan_from_scenario(scenario_to_dict(scenario)).faults == plan.faults
+    schedule = begun(*plan.faults)
+    assert [(a.fault.index, a.verb) for a in schedule.timeline()] == [
+        (1, "intercept"), (3, "cut"), (1, "withdraw"), (2, "split")]
+    schedule.due(ORIGIN + 5.0)
+    # Only the cut is undone before shutdown: an eavesdropper ends with the broker.
+    assert [(a.fault.index, a.verb) for a in schedule.close(ORIGIN + 5.0)] == [(3, "restore")]
+    (applied, _, _, _) = schedule.timeline()
+    assert applied.to_dict()["fraction"] == 0.5 and "fraction" not in schedule.timeline()[1].to_dict()
+
+
+@pytest.mark.parametrize(
+    ("fault", "fragment"),
+    [
+        ({"at": 1.0, "kind": "qkd-pns", "link": ["bob", "carol"]}, "fault 1: qkd-pns needs a QKD link; [bob, carol]"),
+        ({"at": 1.0, "kind": "qkd-intercept-resend", "link": ["alice", "bob"]}, "needs a fraction in (0, 1]"),
+        ({"at": 1.0, "kind": "qkd-intercept-resend", "link": ["alice", "bob"], "fraction": 2}, "fraction in"),
+        ({"at": 1.0, "kind": "link-cut", "link": ["alice", "bob"], "fraction": 0.5}, "link-cut takes no fraction"),
+    ],
+)
+def test_plan_rejects_eavesdroppers_it_cannot_run(fault: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(PlanError) as info:
+        plan_from_scenario({**QKD_SCENARIO, "faults": [fault]})
+    assert fragment in str(info.value)
 
 
 def test_plan_of_the_crash_restart_scenario() -> None:
@@ -342,3 +424,110 @@ def test_actions_serialise() -> None:
     (cut_apply,) = FaultSchedule([cut(7, 1.0)]).timeline()
     assert json.loads(json.dumps(cut_apply.to_dict(), allow_nan=False))["link"] == ["alice", "bob"]
     assert cut_apply.describe() == "fault 7 apply (cut [alice, bob]): link-cut [alice, bob] at 1 s until the end"
+
+
+# --------------------------------------------------------------------------- the driver: eavesdroppers via qkd_eve
+
+
+class FakeBroker:
+    """The broker's admin session, in memory: answers `qkd_eve` with `ok` (or `error`), records each one."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.received: list[QkdEve] = []
+        self.refuse = refuse
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        decoder = FrameDecoder()
+        while data := await stream.receive_some(65536):
+            decoder.feed(data)
+            while (payload := decoder.next_frame()) is not None:
+                env = decode(payload)
+                assert isinstance(env.message, QkdEve), env.message  # the driver sends nothing else here
+                self.received.append(env.message)
+                reply = Ok() if self.refuse is None else Error(code=self.refuse, message="no QKD on that link")
+                await stream.send_all(encode_framed(reply, re=env.id))
+
+
+def make_driver(tmp_path: Path, faults: tuple[FaultPlan, ...], cuts: list[tuple[str, str, bool]]) -> RunDriver:
+    plan = RunPlan(name="eve", seed=1, duration_s=10.0, time_scale=1.0, nodes=(), apps=(), expectations=(),
+                   faults=faults, links=(("alice", "bob"),))  # fmt: skip
+
+    async def cut_link(a: str, b: str) -> None:
+        cuts.append((a, b, True))
+
+    async def restore_link(a: str, b: str) -> None:
+        cuts.append((a, b, False))
+
+    async def settle(timeout_s: float) -> None:
+        pass
+
+    deployment = SimpleNamespace(cuts_links=True, cut_link=cut_link, restore_link=restore_link, settle=settle,
+                                 check=lambda phase: None)  # fmt: skip
+    driver = RunDriver(
+        PreparedRun(None, plan, tmp_path, time.time()), RunOptions(tmp_path / "eve.yaml", quiet=True, live=False),
+        Console(file=io.StringIO()), lambda context: deployment,  # type: ignore[arg-type,return-value]
+        tokens={TOKEN_ENV: "t" * 43, ADMIN_TOKEN_ENV: "a" * 43}, run_id="eve-run",
+    )  # fmt: skip
+    driver.clock.sync(ORIGIN, time.monotonic())
+    driver.timeline.begin(ORIGIN)
+    driver.faults.begin(ORIGIN)
+    return driver
+
+
+async def test_driver_switches_eavesdroppers_through_the_broker(tmp_path: Path) -> None:
+    cuts: list[tuple[str, str, bool]] = []
+    driver = make_driver(tmp_path, (intercept(1, 1.0, 1.0, fraction=0.3), cut(2, 1.0, 5.0), pns(3, 4.0)), cuts)
+    broker = FakeBroker()
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.serve, right)
+        driver.broker = AdminClient(left, peer="broker", timeout_s=5)
+        for action in driver.faults.timeline():
+            await driver._fault(action)
+        await driver.broker.aclose()
+    driver.events.close()
+    assert [(list(m.endpoints), m.intercept_fraction, m.pns) for m in broker.received] == [
+        (["alice", "bob"], 0.3, False),  # fault 1 on
+        (["alice", "bob"], 0.0, False),  # fault 1 off: every switch at its default
+        (["alice", "bob"], 0.0, True),  # fault 3 on (no `for`: on to the end)
+    ]
+    assert all((m.resend_photons, m.pns_multi_forward, m.pns_single_block) == (0, 1.0, 0.0) for m in broker.received)
+    assert cuts == [("alice", "bob", True), ("alice", "bob", False)]  # the cut went to the deployment, not Eve
+    assert [(r["fault"], r["action"], r.get("fraction")) for r in driver.fault_log] == [
+        (1, "intercept", 0.3), (2, "cut", None), (1, "withdraw", 0.3), (3, "split", None), (2, "restore", None)]
+    events = [e for e in read_events(tmp_path / "events.jsonl") if e["event"].startswith("fault_")]
+    assert [(e["event"], e["kind"], e["action"]) for e in events][:1] == [
+        ("fault_applied", "qkd-intercept-resend", "intercept")]
+    assert events[0]["fraction"] == 0.3 and events[0]["planned_at_s"] == 1.0
+    assert events[0]["description"] == "qkd-intercept-resend [alice, bob] fraction 0.3 at 1 s for 1 s"
+
+
+async def test_driver_fails_the_run_when_the_broker_refuses_an_eavesdropper(tmp_path: Path) -> None:
+    driver = make_driver(tmp_path, (pns(1, 1.0),), [])
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(FakeBroker(refuse="refused").serve, right)
+        driver.broker = AdminClient(left, peer="broker", timeout_s=5)
+        (action,) = driver.faults.timeline()
+        with pytest.raises(RuntimeFailure) as info:
+            await driver._fault(action)
+        await driver.broker.aclose()
+    driver.events.close()
+    assert str(info.value) == (
+        "fault 1 (qkd-pns [alice, bob] at 1 s until the end): the broker refused qkd_eve: refused: no QKD on that link")
+    assert driver.fault_log == []  # a step that did not happen is not logged
+
+
+async def test_admin_client_qkd_eve_raises_like_the_other_requests() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    broker = FakeBroker(refuse="no_link")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.serve, right)
+        client = AdminClient(left, peer="broker", timeout_s=5)
+        with pytest.raises(AdminRequestError) as info:
+            await client.qkd_eve(("bob", "carol"), intercept_fraction=1, pns=True)
+        await client.aclose()
+    assert info.value.code == "no_link"
+    (sent,) = broker.received
+    assert (list(sent.endpoints), sent.intercept_fraction, sent.pns) == (["bob", "carol"], 1.0, True)
+    assert isinstance(sent.intercept_fraction, float)

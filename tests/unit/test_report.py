@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,142 @@ def test_emulated_clock() -> None:
     assert clock.now(100.25) == pytest.approx(10.5)
     assert clock.wall_s_until(10.5, 12.5) == pytest.approx(1.0)
     assert clock.wall_s_until(13.0, 12.5) == 0.0
+
+
+# --------------------------------------------------------------------------- qkd apps: plan, timeline, console
+
+QKD_SCENARIO = {
+    "name": "q", "seed": 3, "duration": 30.0, "time_scale": 1.0,
+    "nodes": {"alice": {}, "bob": {}, "carol": {}},
+    "links": [
+        {"endpoints": ["alice", "bob"], "length_km": 25.0, "qkd": {"transmitter": "bob"}},
+        {"endpoints": ["carol", "bob"], "length_km": 5.0, "qkd": {}, "entanglement": {}},
+    ],
+    "apps": [
+        {"kind": "qkd", "name": "keys", "nodes": ["bob", "alice"], "key_bits": 4096, "start": 1.0},
+        {"kind": "qkd", "name": "timed", "nodes": ["carol", "bob"], "duration": 10.0, "block_bits": 65536,
+         "cascade": "yan", "epsilon_sec": 1e-9, "epsilon_cor": 1e-12, "qber_threshold": 0.08, "sample_fraction": 0.1},
+        {"kind": "epr-test", "name": "epr", "nodes": ["carol", "bob"], "pairs": 10},
+    ],
+}  # fmt: skip
+
+
+def test_plan_of_qkd_apps_sends_the_contracted_params() -> None:
+    plan = plan_from_scenario(QKD_SCENARIO)
+    keys, timed, epr = plan.apps
+    assert (keys.kind, keys.initiator, keys.responder, keys.start_s) == ("qkd", "bob", "alice", 1.0)
+    responder, initiator = keys.start_requests()  # the responder (Bob, the receiver) listens first
+    defaults = {"duration_s": None, "key_bits": 4096, "block_key_bits": 1_000_000, "cascade": "original",
+                "epsilon_sec": 1e-10, "epsilon_cor": 1e-15, "qber_threshold": 0.11, "sample_fraction": 0.05}
+    assert (responder.node, responder.role, responder.kind, responder.name) == ("alice", "responder", "qkd", "keys")
+    assert dict(responder.params) == {"role": "responder", "peer": "bob", **defaults}
+    assert (initiator.node, dict(initiator.params)) == ("bob", {"role": "initiator", "peer": "alice", **defaults})
+    assert dict(timed.start_requests()[1].params) == {
+        "role": "initiator", "peer": "bob", "duration_s": 10.0, "key_bits": None, "block_key_bits": 65536,
+        "cascade": "yan", "epsilon_sec": 1e-9, "epsilon_cor": 1e-12, "qber_threshold": 0.08, "sample_fraction": 0.1,
+    }  # fmt: skip
+    assert all(isinstance(v, float) for k, v in timed.settings.items() if k.startswith(("epsilon", "qber", "sample")))
+    # epr-test is as before
+    assert dict(epr.start_requests()[0].params) == {"role": "responder", "peer": "carol", "pairs": 10, "wait_s": 0.0}
+    assert (keys.pairs, keys.wait_s, epr.pairs, epr.wait_s) == (None, None, 10, 0.0)
+    assert (keys.requested(), timed.requested()) == (
+        {"key_bits": 4096, "duration_s": None, "start_s": 1.0}, {"key_bits": None, "duration_s": 10.0, "start_s": 0.0})
+
+
+def test_plan_of_a_validated_qkd_scenario_matches_its_dict_form() -> None:
+    from emulator.scenario import parse_scenario, scenario_to_dict
+
+    text = """\
+name: q
+duration: 30s
+nodes: {alice: {}, bob: {}}
+links:
+  - {endpoints: [alice, bob], length_km: 25, qkd: {}}
+apps:
+  - {kind: qkd, nodes: [alice, bob], duration: 10s, cascade: opt7}
+"""
+    scenario = parse_scenario(text)
+    plan = plan_from_scenario(scenario)
+    assert plan.apps == plan_from_scenario(scenario_to_dict(scenario)).apps
+    assert plan.apps[0].settings["cascade"] == "opt7" and plan.apps[0].settings["duration_s"] == 10.0
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"nodes": ["alice", "bob"]}, "the first node must be the link's QKD transmitter bob"),
+        ({"nodes": ["alice", "carol"]}, "no QKD link between alice and carol"),
+        ({"key_bits": None}, "needs `duration`, `key_bits` or both"),
+    ],
+)
+def test_plan_rejects_qkd_apps_it_cannot_run(change: dict[str, object], fragment: str) -> None:
+    data = {**QKD_SCENARIO, "apps": [{**QKD_SCENARIO["apps"][0], **change}]}  # type: ignore[dict-item]
+    with pytest.raises(PlanError, match=re.escape(fragment)):
+        plan_from_scenario(data)
+
+
+def test_plan_rejects_two_qkd_apps_on_one_link() -> None:
+    twice = {**QKD_SCENARIO, "apps": [QKD_SCENARIO["apps"][0], {**QKD_SCENARIO["apps"][0], "name": "again"}]}
+    with pytest.raises(PlanError, match="one QKD session per run"):
+        plan_from_scenario(twice)
+
+
+def test_timeline_counts_qkd_progress_in_key_bits() -> None:
+    timeline = Timeline(plan_from_scenario(QKD_SCENARIO))
+    timeline.begin(0.0)
+    for name in ("keys", "timed", "epr"):
+        timeline.mark_started(name, 1.0)
+    timeline.observe("keys", "initiator", "running", {"final_key_bits": 1024, "secret_key_rate_bps": 512.0}, 3.0)
+    timeline.observe("timed", "initiator", "running", {"final_key_bits": 300}, 4.0)
+    keys, timed, epr = timeline.progress(5.0)
+    assert keys == ("keys", AppState.RUNNING, 1024, 4096, 512.0, 4.0, None, "bits")
+    assert (keys.measured, keys.requested, keys.unit) == (1024, 4096, "bits")
+    # a duration-only app: no amount requested, the bar follows its running time against the duration
+    assert (timed.measured, timed.requested, timed.rate, timed.running_s, timed.running_limit_s) == (
+        300, None, 75.0, 4.0, 10.0)
+    assert epr[:5] == ("epr", AppState.RUNNING, None, 10, None) and epr.unit == "pairs"
+    done = {"final_key_bits": 4096, "secret_key_rate_bps": 800.0, "qber": 0.021}
+    change = timeline.observe("keys", "initiator", "done", done, 6.0)
+    assert change is not None and change.state is AppState.DONE
+    outcome = timeline.outcomes()["keys"]
+    assert outcome.metrics == done and outcome.requested == {"key_bits": 4096, "duration_s": None, "start_s": 1.0}
+    (result,) = evaluate_expectations([ExpectationSpec("final_key_bits", "keys", 4096)], timeline.outcomes())
+    assert result.passed, result.message
+
+
+def test_summary_shows_qkd_columns_only_when_there_are_qkd_apps(tmp_path: Path) -> None:
+    qkd = AppOutcome("keys", "qkd", ("bob", "alice"), AppState.DONE,
+                     {"final_key_bits": 4096, "secret_key_rate_bps": 812.5, "qber": 0.0213, "qber_x": 0.0198,
+                      "cascade_efficiency": 1.16, "alarms": 0})  # fmt: skip
+    results = RunResults(
+        scenario="q", seed=1, run_id="q-1", started_at="x", finished_at="y", wall_s=1.0, emulated_s=2.0,
+        time_scale=1.0, status=RunStatus.PASSED, exit_code=0, apps={"keys": qkd}, expectations=(),
+        stats={},
+    )  # fmt: skip
+    console = Console(width=250, record=True, force_terminal=False)
+    print_summary(console, results.to_dict())
+    text = console.export_text()
+    for header in ("key bits", "key rate (bit/s)", "QBER", "QBER X", "alarms"):
+        assert header in text
+    assert "4096" in text and "812.5" in text and "0.0213" in text and "1.16" in text
+    assert "fidelity" not in text and "CHSH" not in text  # no epr-test app: no epr-test columns
+    console = Console(width=250, record=True, force_terminal=False)
+    print_summary(console, make_results(tmp_path))
+    assert "key bits" not in console.export_text()  # an epr-test run looks as it always did
+
+
+def test_live_progress_of_a_qkd_app() -> None:
+    from emulator.report.console import AppBar, RunProgress
+
+    console = Console(width=160, record=True, force_terminal=True)
+    bars = [AppBar("keys", 4096, "bits"), AppBar("timed", 10.0, "bits", by_time=True), ("epr", 100)]
+    progress = RunProgress(console, bars, duration_s=30.0, live=True)
+    progress.update_app("keys", measured=1024, state="running", rate_hz=512.0, running_s=2.0)
+    progress.update_app("timed", measured=300, state="running", rate_hz=75.0, running_s=4.0)
+    progress.update_app("epr", measured=40, state="running", rate_hz=20.0)
+    tasks = {t.description: t for t in progress._progress.tasks}  # type: ignore[union-attr]
+    progress.stop()
+    assert (tasks["keys"].completed, tasks["keys"].total, tasks["keys"].fields["count"]) == (1024, 4096, "1024/4096")
+    assert "512 bits/s (emulated)" in tasks["keys"].fields["note"]
+    assert (tasks["timed"].completed, tasks["timed"].total, tasks["timed"].fields["count"]) == (4.0, 10.0, "300 bits")
+    assert (tasks["epr"].fields["count"], tasks["epr"].fields["note"]) == ("40/100", "running  20 pairs/s (emulated)")

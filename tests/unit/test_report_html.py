@@ -331,3 +331,110 @@ def test_report_lists_faults_and_the_steps_taken(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     no_faults = write_report(tmp_path / "b", make_results(), make_scenario()).read_text(encoding="utf-8")
     assert "The scenario injects no faults." in no_faults
+
+
+# --------------------------------------------------------------------------- qkd apps and links
+
+
+def make_qkd_run() -> tuple[dict[str, Any], dict[str, Any]]:
+    """`results.json` and `scenario.json` of a two-node QKD run with an intercept-resend window."""
+    from emulator.scenario import parse_scenario, scenario_to_dict
+
+    scenario = scenario_to_dict(parse_scenario("""\
+name: bb84
+duration: 12s
+nodes: {alice: {}, bob: {}}
+links:
+  - {endpoints: [alice, bob], length_km: 25, attenuation_db_per_km: 0.21, qkd: {}}
+apps:
+  - {kind: qkd, name: keys, nodes: [alice, bob], duration: 10s, qber_threshold: 0.1}
+faults:
+  - {at: 4s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 0.6, for: 2s}
+"""))
+    metrics = {"final_key_bits": 40960, "secret_key_rate_bps": 4096.0, "key_rate_per_pulse": 4.1e-6, "qber": 0.034,
+               "qber_x": 0.033, "cascade_efficiency": 1.17, "single_photon_yield_lower": 0.04,
+               "single_photon_error_upper": 0.05, "blocks_done": 8, "blocks_aborted": 2, "blocks_discarded": 0,
+               "alarms": 2, "auth_rejects": 0, "sifted_bits": 123456}  # fmt: skip
+    series = [{"t_s": float(t), "final_key_bits": 4096 * t, "qber": 0.033 + (0.15 if 4 <= t < 6 else 0.0),
+               "qber_x": 0.033} for t in range(11)]  # fmt: skip
+    results = {
+        "scenario": "bb84", "run_id": "bb84-1", "status": "passed", "passed": True, "exit_code": 0, "emulated_s": 10.5,
+        "apps": {"keys": {"kind": "qkd", "nodes": ["alice", "bob"], "state": "done",
+                          "requested": {"key_bits": None, "duration_s": 10.0, "start_s": 0.0}, "started_s": 0.0,
+                          "finished_s": 10.2, "error": None, "metrics": metrics}},
+        "expectations": [],
+        "stats": {"broker": {"qkd": {"alice|bob": {"pulses": 10**10, "detections": 7_000_000,
+                                                    "eve": {"intercepted_detections": 800_000,
+                                                            "basis_matched_detections": 400_000,
+                                                            "split_detections": 0}}}}, "nodes": {}},
+        "series": {"keys": series},
+        "faults": {"planned": [{"index": 1, "kind": "qkd-intercept-resend", "at_s": 4.0, "for_s": 2.0,
+                                "description": "qkd-intercept-resend [alice, bob] fraction 0.6 at 4 s for 2 s"}],
+                   "steps": [{"fault": 1, "step": "apply", "action": "intercept", "at_s": 4.01},
+                             {"fault": 1, "step": "revert", "action": "withdraw", "at_s": 6.0}]},
+    }  # fmt: skip
+    return results, scenario
+
+
+def test_qkd_models_follow_ma_et_al() -> None:
+    from emulator.physics import GYS_PARAMETERS, asymptotic_key_rate, max_distance_km
+    from emulator.report.html import qkd_app_model, qkd_link_model
+
+    results, scenario = make_qkd_run()
+    link = scenario["links"][0]
+    model = qkd_link_model(link)
+    assert model is not None
+    # The scenario's defaults are the GYS set (attenuation 0.21 given here): the same numbers as physics'.
+    assert model.rate_per_signal_pulse == pytest.approx(asymptotic_key_rate(GYS_PARAMETERS, 25.0), rel=1e-12)
+    assert model.zero_key_km == pytest.approx(max_distance_km(GYS_PARAMETERS), abs=0.02)
+    assert 135.0 < model.zero_key_km < 145.0  # "reaching zero near 140 km" (issue 4)
+    # Per app: signal class 0.5, Z at both ends 0.5 x 0.5, sample 5 % kept out; R_Ma / q is the bracket.
+    expected = 0.5 * 0.25 * 0.95 * model.rate_per_signal_pulse / 0.5
+    assert qkd_app_model(scenario, "keys", results["apps"]["keys"]) == pytest.approx(expected, rel=1e-12)
+    assert qkd_link_model({**link, "qkd": None}) is None and qkd_link_model({"length_km": 1.0}) is None
+    assert qkd_link_model({**link, "qkd": {"intensities": {"signal": "lots"}}}) is None
+
+
+def test_report_of_a_qkd_run(tmp_path: Path) -> None:
+    from emulator.report.html import QKD_PLOT_FILES
+
+    results, scenario = make_qkd_run()
+    page = write_report(tmp_path, results, scenario).read_text(encoding="utf-8")
+    assert sorted(referenced_images(page)) == sorted(["topology.png", *QKD_PLOT_FILES])  # no pairs, no fidelity
+    assert "No progress plot" not in page and "No fidelity plot" not in page  # nothing to apologise for
+    assert_png(tmp_path / "qkd.png")
+    apps = page.split("<h2>Apps</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "qkd app" in apps and "alice → bob" in apps and "40960 / 10 s" in apps and "8 / 2 / 0" in apps
+    assert "fidelity" not in apps  # no epr-test table for a qkd-only run
+    assert "sifted_bits = 123456" in apps  # metrics without a column are listed
+    links = page.split("<h2>Links</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<h3>QKD links</h3>" in links and "alice → bob" in links
+    assert "800000" in links and "400000" in links  # what Eve did, as the broker counted it
+    assert "0.48 / 0.05 / 0" in links and "0.5 / 0.25 / 0.25" in links
+    faults = page.split("<h2>Faults</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "fraction 0.6" in faults and "intercept at 4.01 s; withdraw at 6 s" in faults
+
+
+def test_qkd_plot_is_dropped_when_the_run_has_no_qkd_app(tmp_path: Path) -> None:
+    write_report(tmp_path, *make_qkd_run())
+    assert (tmp_path / "qkd.png").exists()
+    page = write_report(tmp_path, make_results(), make_scenario()).read_text(encoding="utf-8")
+    assert not (tmp_path / "qkd.png").exists() and "qkd.png" not in page and "QKD" not in page
+    results, scenario = make_qkd_run()
+    del results["series"]
+    page = write_report(tmp_path, results, scenario).read_text(encoding="utf-8")
+    assert "No QKD plot" in page and not (tmp_path / "qkd.png").exists()
+
+
+def test_qkd_report_survives_garbage(tmp_path: Path) -> None:
+    results, scenario = make_qkd_run()
+    results["apps"]["keys"]["metrics"].update(qber="high", final_key_bits=None)
+    results["series"]["keys"].append({"t_s": "later", "qber": None})
+    results["faults"]["steps"] = [{"fault": 1, "step": "apply", "at_s": "soon"}, 7]
+    results["stats"]["broker"]["qkd"] = {"alice|bob": "gone"}
+    scenario["links"][0]["qkd"]["intensities"] = {"signal": HOSTILE}
+    scenario["apps"][0]["qber_threshold"] = None
+    page = write_report(tmp_path, results, scenario).read_text(encoding="utf-8")
+    assert HOSTILE not in page
+    for name in referenced_images(page):
+        assert_png(tmp_path / name)

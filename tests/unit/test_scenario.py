@@ -143,8 +143,10 @@ def test_helpers() -> None:
         s.app("nope")
     topo = s.topology()
     assert topo.linked("bob", "alice") and frozenset({"alice", "bob"}) in topo.entangling
-    assert Scenario.metric_names() == tuple(sorted(METRICS)) == ("chsh", "fidelity", "pair_rate_hz", "pairs_measured")
-    assert set(APP_KINDS) == {"epr-test"}
+    assert Scenario.metric_names() == tuple(sorted(METRICS))
+    assert {name for name, spec in METRICS.items() if spec.app_kinds == {"epr-test"}} == {
+        "chsh", "fidelity", "pair_rate_hz", "pairs_measured"}
+    assert set(APP_KINDS) == {"epr-test", "qkd"} and topo.qkd == {}
 
 
 def test_app_names_default_to_kind_and_index() -> None:
@@ -311,8 +313,8 @@ FIXTURE_MESSAGES = {
                               "links[0].length_km": "missing required field 'length_km'"},
     "yaml_syntax.yaml": {"": "YAML syntax error"},
     "wrong_type.yaml": {"nodes.alice.external": "boolean", "apps[0].pairs": "integer"},
-    "many_errors.yaml": {"links[1].qkd": "unknown field 'qkd'", "apps[1].kind": "unknown kind 'teleport'",
-                         "expect[0].metric": "unknown metric 'qber'", "expect[1].app": "unknown app 'nobody'"},
+    "many_errors.yaml": {"links[1].qkd.protocol": "unknown field 'protocol'", "apps[1].kind": "unknown kind 'teleport'",
+                         "expect[0].metric": "unknown metric 'throughput'", "expect[1].app": "unknown app 'nobody'"},
 }
 
 
@@ -428,9 +430,10 @@ def test_file_limits(tmp_path: Path) -> None:
         ("name: mini", "name: mini\ntime_scale: 0", 2, "time_scale", "> 0"),
         ("name: mini", "name: mini\nsaes: []", 2, "saes", "unknown field 'saes'"),
         ("name: mini", "name: mini\nfaults: [{at: 1s, kind: fiber-cut, link: [alice, bob]}]", 2, "faults[0].kind",
-         "'node-crash', 'node-restart', 'node-freeze' or 'link-cut'"),
+         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'qkd-intercept-resend' or 'qkd-pns'"),
         ("name: mini", "name: mini\nfault: []", 2, "fault", "did you mean 'faults'?"),
-        ("length_km: 10", "length_km: 10\n    qkd: {protocol: bb84-decoy}", 9, "links[0].qkd", "unknown field 'qkd'"),
+        ("length_km: 10", "length_km: 10\n    qkd: {protocol: bb84-decoy}", 9, "links[0].qkd.protocol",
+         "unknown field 'protocol'"),
         ("  alice: {}", "  alice: {memory: {qubits: 5000}}", 4, "nodes.alice.memory.qubits", "4096"),
         ("  alice: {}", "  alice: {memory: {t1: never}}", 4, "nodes.alice.memory.t1", "inf"),
     ],
@@ -458,7 +461,8 @@ def test_a_bad_node_is_reported_with_its_consequences() -> None:
         ("{metric: fidelity, app: epr-test-7, min: 0.9}", "expect[0].app", "unknown app 'epr-test-7'"),
         ("{metric: fidelity, app: epr-test-0, min: 0.9, max: 0.8}", "expect[0].max", "below min"),
         ("{metric: fidelity, app: epr-test-0}", "expect[0]", "min, max or both"),
-        ("{metric: qber, app: epr-test-0, max: 0.1}", "expect[0].metric", "unknown metric 'qber'"),
+        ("{metric: throughput, app: epr-test-0, max: 0.1}", "expect[0].metric", "unknown metric 'throughput'"),
+        ("{metric: qber, app: epr-test-0, max: 0.1}", "expect[0].metric", "(epr-test) does not produce metric 'qber'"),
         ("{metric: fidelity, link: [alice, bob], min: 0.9}", "expect[0].link", "unknown field 'link'"),
     ],
 )
@@ -640,3 +644,238 @@ def test_reference_documents_every_field() -> None:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
             assert f"| `{field.alias or name}` |" in reference
+
+
+# --------------------------------------------------------------------------- QKD: links[].qkd and the qkd app
+
+QKD = """\
+name: qkd
+duration: 10s
+nodes:
+  alice: {}
+  bob: {}
+links:
+  - endpoints: [alice, bob]
+    length_km: 25
+    attenuation_db_per_km: 0.21
+    qkd: {}
+apps:
+  - {kind: qkd, nodes: [alice, bob], duration: 5s}
+"""
+QKD_APP_LINE = 12
+
+
+def test_qkd_defaults_are_the_gys_set_with_decoy_heavy_classes() -> None:
+    from emulator.scenario import QkdLink
+    from emulator.scenario import qkd_params as d
+
+    s = parse_scenario(QKD)
+    (link,) = s.links
+    q = link.qkd
+    assert isinstance(q, QkdLink) and link.entanglement is None
+    assert q.transmitter is None and link.qkd_transmitter == "alice"  # the first endpoint by default
+    assert q.pulse_rate_hz == 1e9
+    i = q.intensities
+    assert (i.signal, i.decoy, i.vacuum) == (0.48, 0.05, 0.0) == d.DEFAULT_INTENSITIES
+    # Not the optics module's 0.8/0.1/0.1 (see qkd_params: finite-key bounds need the decoy share)
+    cp = q.class_probabilities
+    assert (cp.signal, cp.decoy, cp.vacuum) == (0.5, 0.25, 0.25) == d.DEFAULT_CLASS_PROBABILITIES
+    assert (q.basis_z_probability, q.bob_basis_z_probability) == (0.5, None)
+    assert (q.receiver_efficiency, q.dark_count_probability, q.misalignment_error, q.dead_time_s) == (
+        0.045, 1.7e-6, 0.033, 0.0)
+    (app,) = s.apps
+    assert (app.kind, app.name, app.nodes, app.duration_s, app.key_bits) == (
+        "qkd", "qkd-0", ("alice", "bob"), 5.0, None)
+    assert (app.block_bits, app.cascade.value, app.epsilon_sec, app.epsilon_cor) == (
+        1_000_000, "original", 1e-10, 1e-15)
+    assert (app.qber_threshold, app.sample_fraction) == (0.11, 0.05)
+    assert s.topology().qkd == {frozenset({"alice", "bob"}): "alice"}
+
+
+def test_qkd_fields_take_units_and_round_trip() -> None:
+    text = QKD.replace("qkd: {}", (
+        "qkd: {transmitter: bob, pulse_rate_hz: 2.5GHz, intensities: {signal: 0.6, decoy: 0.1, vacuum: 0.001}, "
+        "class_probabilities: {signal: 0.7, decoy: 0.2, vacuum: 0.1}, basis_z_probability: 0.9, "
+        "bob_basis_z_probability: 0.8, receiver_efficiency: 0.1, dark_count_probability: 1e-5, "
+        "misalignment_error: 0.01, dead_time: 50ns}"
+    )).replace("nodes: [alice, bob], duration: 5s}", (
+        "nodes: [bob, alice], start: 1s, key_bits: 1e6, block_bits: 1e5, cascade: opt8, epsilon_sec: 1e-9, "
+        "epsilon_cor: 1e-12, qber_threshold: 0.08, sample_fraction: 0.1}"
+    ))
+    s = parse_scenario(text)
+    q = s.links[0].qkd
+    assert q is not None and s.links[0].qkd_transmitter == "bob"
+    assert (q.pulse_rate_hz, q.dead_time_s, q.bob_basis_z_probability) == (2.5e9, pytest.approx(50e-9), 0.8)
+    app = s.apps[0]
+    assert (app.nodes, app.start_s, app.duration_s, app.key_bits, app.block_bits) == (
+        ("bob", "alice"), 1.0, None, 1_000_000, 100_000)
+    assert (app.cascade.value, app.epsilon_sec, app.epsilon_cor, app.qber_threshold, app.sample_fraction) == (
+        "opt8", 1e-9, 1e-12, 0.08, 0.1)
+    data = scenario_to_dict(s)
+    assert data["links"][0]["qkd"]["dead_time"] == pytest.approx(50e-9)
+    assert data["apps"][0]["cascade"] == "opt8" and data["apps"][0]["duration"] is None
+    assert scenario_from_dict(json.loads(json.dumps(data, allow_nan=False))) == s
+    assert parse_scenario(yaml.safe_dump(data)) == s
+
+
+def test_cascade_variants_are_the_nodes_own() -> None:
+    from emulator.scenario import CascadeVariant
+    from emulator.scenario import qkd_params as d
+    from nodes.qkd.cascade import CascadeVariant as NodeVariant
+
+    assert [v.value for v in CascadeVariant] == [v.value for v in NodeVariant] == list(d.CASCADE_VARIANTS)
+
+
+def test_a_link_may_carry_qkd_and_entanglement_and_host_both_apps() -> None:
+    text = QKD.replace("    qkd: {}\n", "    qkd: {}\n    entanglement: {}\n") + (
+        "  - {kind: epr-test, nodes: [bob, alice], pairs: 10}\n")
+    s = parse_scenario(text)
+    assert s.links[0].qkd is not None and s.links[0].entanglement is not None
+    assert [a.kind for a in s.apps] == ["qkd", "epr-test"]
+
+
+def test_qkd_key_bits_alone_is_enough() -> None:
+    s = parse_scenario(QKD.replace("duration: 5s}", "key_bits: 100000}"))
+    assert (s.apps[0].duration_s, s.apps[0].key_bits) == (None, 100_000)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field", "fragment"),
+    [
+        # the link's qkd section
+        ("qkd: {}", "qkd: {protocol: bb84}", 10, "links[0].qkd.protocol", "unknown field 'protocol'"),
+        ("qkd: {}", "qkd: {lenght_km: 3}", 10, "links[0].qkd.lenght_km", "unknown field 'lenght_km'"),
+        ("qkd: {}", "qkd: {transmitter: carol}", 10, "links[0].qkd.transmitter",
+         "the transmitter must be an endpoint of the link ('alice' or 'bob'), got 'carol'"),
+        ("qkd: {}", "qkd: {intensities: {signal: 0.1, decoy: 0.2}}", 10, "links[0].qkd.intensities",
+         "signal > decoy + vacuum and decoy > vacuum"),
+        ("qkd: {}", "qkd: {intensities: {signal: 0.5, decoy: 0.3, vacuum: 0.3}}", 10, "links[0].qkd.intensities",
+         "signal > decoy + vacuum"),
+        ("qkd: {}", "qkd: {intensities: {signal: 11}}", 10, "links[0].qkd.intensities.signal", "10"),
+        ("qkd: {}", "qkd: {intensities: {sgnal: 0.5}}", 10, "links[0].qkd.intensities.sgnal", "did you mean 'signal'"),
+        ("qkd: {}", "qkd: {class_probabilities: {signal: 0.6}}", 10, "links[0].qkd.class_probabilities",
+         "signal + decoy + vacuum must be 1, got 1.1"),
+        ("qkd: {}", "qkd: {class_probabilities: {signal: 0.75, vacuum: 0}}", 10,
+         "links[0].qkd.class_probabilities.vacuum", "greater than 0"),
+        ("qkd: {}", "qkd: {basis_z_probability: 1}", 10, "links[0].qkd.basis_z_probability", "> 0 and < 1"),
+        ("qkd: {}", "qkd: {bob_basis_z_probability: 0}", 10, "links[0].qkd.bob_basis_z_probability", "> 0 and < 1"),
+        ("qkd: {}", "qkd: {receiver_efficiency: 0}", 10, "links[0].qkd.receiver_efficiency", "> 0 and <= 1"),
+        ("qkd: {}", "qkd: {dark_count_probability: 1}", 10, "links[0].qkd.dark_count_probability", "less than 1"),
+        ("qkd: {}", "qkd: {misalignment_error: 0.6}", 10, "links[0].qkd.misalignment_error", "0.5"),
+        ("qkd: {}", "qkd: {pulse_rate_hz: 0}", 10, "links[0].qkd.pulse_rate_hz", "frequency must be > 0"),
+        ("qkd: {}", "qkd: {dead_time: -1ns}", 10, "links[0].qkd.dead_time", ">= 0"),
+        ("qkd: {}", "qkd: bb84", 10, "links[0].qkd", "expected a mapping"),
+        # the app
+        ("nodes: [alice, bob], duration", "nodes: [bob, alice], duration", QKD_APP_LINE, "apps[0].nodes",
+         "the first node of a qkd app is the link's QKD transmitter 'alice' (it initiates); write nodes: [alice, bob]"),
+        ("    qkd: {}\n", "    entanglement: {}\n", QKD_APP_LINE, "apps[0].nodes",
+         "qkd needs a QKD link between 'alice' and 'bob'; give that link a `qkd` section"),
+        ("nodes: [alice, bob], duration", "nodes: [alice, carol], duration", QKD_APP_LINE, "apps[0].nodes[1]",
+         "unknown node 'carol'"),
+        ("nodes: [alice, bob], duration", "nodes: [alice, alice], duration", QKD_APP_LINE, "apps[0].nodes[1]",
+         "two different nodes"),
+        (", duration: 5s}", "}", QKD_APP_LINE, "apps[0]", "needs `duration`, `key_bits` or both"),
+        ("duration: 5s}", "duration: 10s}", QKD_APP_LINE, "apps[0].duration",
+         "runs until 10 s, not before the end of the run (10 s)"),
+        ("duration: 5s}", "duration: 5s, start: 6s}", QKD_APP_LINE, "apps[0].duration", "runs until 11 s"),
+        ("duration: 5s}", "duration: 0s}", QKD_APP_LINE, "apps[0].duration", "must be > 0"),
+        ("duration: 5s}", "duration: 5s, key_bits: 0}", QKD_APP_LINE, "apps[0].key_bits", "greater than or equal to 1"),
+        ("duration: 5s}", "duration: 5s, block_bits: 9999}", QKD_APP_LINE, "apps[0].block_bits", "10000"),
+        ("duration: 5s}", "duration: 5s, block_bits: 16777217}", QKD_APP_LINE, "apps[0].block_bits", "16777216"),
+        ("duration: 5s}", "duration: 5s, cascade: turbo}", QKD_APP_LINE, "apps[0].cascade",
+         "'original', 'yan', 'opt7' or 'opt8'"),
+        ("duration: 5s}", "duration: 5s, epsilon_sec: 0}", QKD_APP_LINE, "apps[0].epsilon_sec", "> 0 and < 1"),
+        ("duration: 5s}", "duration: 5s, epsilon_cor: 1}", QKD_APP_LINE, "apps[0].epsilon_cor", "> 0 and < 1"),
+        ("duration: 5s}", "duration: 5s, qber_threshold: 0.6}", QKD_APP_LINE, "apps[0].qber_threshold", "0.5"),
+        ("duration: 5s}", "duration: 5s, qber_threshold: 0}", QKD_APP_LINE, "apps[0].qber_threshold",
+         "greater than 0"),
+        ("duration: 5s}", "duration: 5s, sample_fraction: 1}", QKD_APP_LINE, "apps[0].sample_fraction", "> 0 and < 1"),
+        ("duration: 5s}", "duration: 5s, pairs: 10}", QKD_APP_LINE, "apps[0].pairs", "unknown field 'pairs'"),
+        ("duration: 5s}", "duration: 5s}\n  - {kind: qkd, name: again, nodes: [alice, bob], key_bits: 10}",
+         QKD_APP_LINE + 1, "apps[1].nodes",
+         "a second qkd app on the link between 'alice' and 'bob' (the first is apps[0], 'qkd-0'): the link's "
+         "bootstrap authentication key serves one QKD session per link and run"),
+        # expectations
+        ("duration: 5s}", "duration: 5s}\nexpect:\n  - {metric: fidelity, app: qkd-0, min: 0.9}",
+         QKD_APP_LINE + 2, "expect[0].metric", "app 'qkd-0' (qkd) does not produce metric 'fidelity'"),
+    ],
+)
+def test_bad_qkd(old: str, new: str, line: int, field: str, fragment: str) -> None:
+    assert old in QKD
+    problems = problems_of(QKD.replace(old, new))
+    assert len(problems) == 1 and (problems[0].line, problems[0].field) == (line, field), problems
+    assert fragment in problems[0].message, problems[0].message
+
+
+def test_a_broken_qkd_section_is_not_also_a_missing_one() -> None:
+    # The app's link has a qkd section, broken: only the section is reported, not the app.
+    for section in ("qkd: {transmitter: Bob}", "qkd: {transmitter: carol}", "qkd: [1, 2]"):
+        problems = problems_of(QKD.replace("qkd: {}", section))
+        assert [p.field.split(".")[0] for p in problems] == ["links[0]"], problems
+
+
+def test_qkd_cross_checks_also_run_on_dicts_and_direct_construction() -> None:
+    data = scenario_to_dict(parse_scenario(QKD))
+    data["apps"][0]["nodes"] = ["bob", "alice"]
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict(data, source="run/scenario.json")
+    assert [p.field for p in info.value.problems] == ["apps[0].nodes"]
+    with pytest.raises(pydantic.ValidationError, match="QKD transmitter 'alice'"):
+        Scenario.model_validate(data)
+
+
+def test_qkd_metrics_are_registered_for_qkd_apps() -> None:
+    names = {
+        "final_key_bits", "secret_key_rate_bps", "qber", "qber_x", "sifted_bits", "detections", "blocks_done",
+        "blocks_aborted", "blocks_discarded", "alarms", "cascade_efficiency", "single_photon_yield_lower",
+        "single_photon_error_upper", "key_rate_per_pulse", "auth_rejects", "detections_dropped",
+    }  # fmt: skip
+    assert {name for name, spec in METRICS.items() if spec.app_kinds == {"qkd"}} == names
+    assert all(METRICS[n].scope is MetricScope.APP and METRICS[n].description for n in names)
+    assert (METRICS["final_key_bits"].unit, METRICS["secret_key_rate_bps"].unit) == ("bits", "bit/s")
+    text = QKD + "expect:\n" + "".join(f"  - {{metric: {n}, app: qkd-0, min: 0}}\n" for n in sorted(names))
+    assert len(parse_scenario(text).expect) == len(names)
+
+
+def test_broker_config_from_a_qkd_scenario() -> None:
+    from emulator.broker.config import BrokerConfig
+    from emulator.broker.optics import OpticalLinkConfig
+    from emulator.physics import DecoyIntensities
+
+    (link,) = BrokerConfig.from_scenario(parse_scenario(QKD)).links
+    assert link.qkd is not None and link.entanglement is None
+    assert (link.qkd.transmitter, link.qkd_receiver) == ("alice", "bob")
+    # Every optics field from the scenario; fibre length and attenuation are the link's.
+    assert link.qkd.optics == OpticalLinkConfig(
+        length_km=25.0, pulse_rate_hz=1e9, intensities=DecoyIntensities(0.48, 0.05, 0.0),
+        class_probabilities=(0.5, 0.25, 0.25), basis_z_probability=0.5, bob_basis_z_probability=None,
+        attenuation_db_per_km=0.21, receiver_efficiency=0.045, dark_count_probability=1.7e-6,
+        misalignment_error=0.033, dead_time_s=0.0,
+    )  # fmt: skip
+    text = QKD.replace("qkd: {}", "qkd: {transmitter: bob, bob_basis_z_probability: 0.7, dead_time: 10ns, "
+                                  "intensities: {signal: 0.6, decoy: 0.2, vacuum: 0.01}}")
+    text = text.replace("attenuation_db_per_km: 0.21", "attenuation_db_per_km: 0.2")
+    text = text.replace("[alice, bob], duration", "[bob, alice], duration")
+    (link,) = BrokerConfig.from_scenario(parse_scenario(text)).links
+    assert link.qkd is not None and (link.qkd.transmitter, link.qkd_receiver) == ("bob", "alice")
+    optics = link.qkd.optics
+    assert (optics.bob_basis_z_probability, optics.dead_time_s, optics.attenuation_db_per_km) == (
+        0.7, pytest.approx(10e-9), 0.2)
+    assert optics.intensities == DecoyIntensities(0.6, 0.2, 0.01)
+    assert BrokerConfig.from_scenario(parse_scenario(MINIMAL)).links[0].qkd is None
+
+
+def test_reference_documents_qkd() -> None:
+    reference = render_reference()
+    for title in ("### QkdLink\n", "### QkdIntensities\n", "### QkdClassProbabilities\n", "### App `qkd`\n"):
+        assert title in reference
+    from emulator.scenario import QkdClassProbabilities, QkdIntensities, QkdLink
+
+    for model in (QkdLink, QkdIntensities, QkdClassProbabilities):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            assert f"| `{field.alias or name}` |" in reference
+    assert "| `qkd` | [QkdLink](#qkdlink) (optional) | absent |" in reference
+    assert "| `transmitter` | name (optional) | first endpoint |" in reference
+    assert "0.8, 0.1, 0.1" in reference  # the class probabilities say why they differ from the optics module's
+    assert "| `qber` | app | — | `qkd` |" in reference

@@ -194,7 +194,7 @@ def test_only_the_first_clash_of_a_fault_is_reported() -> None:
         ("{kind: node-crash, node: bob}", "{", "faults[0].at", "missing required field 'at'"),
         ("{at: 2s, node: bob}", "{", "faults[0].kind", "missing required field 'kind'"),
         ("{at: 2s, kind: fiber-cut, link: [alice, bob]}", "fiber-cut", "faults[0].kind",
-         "'node-crash', 'node-restart', 'node-freeze' or 'link-cut'"),
+         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'qkd-intercept-resend' or 'qkd-pns'"),
         ("{at: 2s, kind: node-crash, node: bob, for: 0s}", "0s", "faults[0].for", "must be > 0"),
         ("{at: 2s, kind: node-crash, node: bob, for: -1s}", "-1s", "faults[0].for", ">= 0"),
         ("{at: 2s, kind: node-crash, node: bob, fro: 1s}", "fro", "faults[0].fro", "did you mean 'for'?"),
@@ -260,8 +260,8 @@ def test_faults_survive_json_and_yaml_round_trips() -> None:
                                    "{at: 8s, kind: link-cut, link: [bob, alice]}"))
     data = scenario_to_dict(s)
     assert data["faults"] == [
-        {"kind": "node-crash", "at": 2.0, "node": "bob", "link": None, "for": 3.0},
-        {"kind": "link-cut", "at": 8.0, "node": None, "link": ["alice", "bob"], "for": None},
+        {"kind": "node-crash", "at": 2.0, "node": "bob", "link": None, "for": 3.0, "fraction": None},
+        {"kind": "link-cut", "at": 8.0, "node": None, "link": ["alice", "bob"], "for": None, "fraction": None},
     ]
     assert scenario_from_dict(json.loads(json.dumps(data, allow_nan=False))) == s
     assert parse_scenario(yaml.safe_dump(data)) == s
@@ -287,13 +287,19 @@ def test_fault_models_are_frozen() -> None:
 
 
 def test_kinds_table() -> None:
-    assert [k.value for k in FaultKind] == ["node-crash", "node-restart", "node-freeze", "link-cut"]
-    assert [k for k in FaultKind if k.target is FaultTarget.LINK] == [FaultKind.LINK_CUT]
+    assert [k.value for k in FaultKind] == [
+        "node-crash", "node-restart", "node-freeze", "link-cut", "qkd-intercept-resend", "qkd-pns"]
+    assert [k for k in FaultKind if k.target is FaultTarget.LINK] == [
+        FaultKind.LINK_CUT, FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS]
     assert [k for k in FaultKind if not k.lasts_to_end_without_for] == [FaultKind.NODE_RESTART]
     assert {k for k in FaultKind if k.takes_node_down} == {FaultKind.NODE_CRASH, FaultKind.NODE_RESTART}
+    # an eavesdropper ends with the broker: nothing to undo before shutdown
     assert {k for k in FaultKind if k.undo_before_shutdown} == {FaultKind.NODE_FREEZE, FaultKind.LINK_CUT}
+    assert {k for k in FaultKind if k.eavesdrops} == {FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS}
+    assert [k for k in FaultKind if k.takes_fraction] == [FaultKind.QKD_INTERCEPT_RESEND]
     assert [(k.apply_verb, k.revert_verb) for k in FaultKind] == [
-        ("kill", "start"), ("stop", "start"), ("pause", "resume"), ("cut", "restore")]
+        ("kill", "start"), ("stop", "start"), ("pause", "resume"), ("cut", "restore"), ("intercept", "withdraw"),
+        ("split", "withdraw")]
 
 
 def test_reference_documents_faults() -> None:
@@ -305,6 +311,111 @@ def test_reference_documents_faults() -> None:
     for kind in FaultKind:
         assert f"| `{kind.value}` | `{kind.target.value}` |" in reference
     assert "| `faults` | list of [Fault](#fault) |" in reference
+    assert "| `fraction` | number (optional) | absent |" in reference
+
+
+# --------------------------------------------------------------------------- eavesdroppers on a QKD link
+
+# BASE with a QKD section on [alice, bob] (not on [bob, carol]): faults from line 17 on.
+QKD_BASE = BASE.replace("    entanglement: {}\n", "    entanglement: {}\n    qkd: {}\n")
+QKD_FIRST_FAULT_LINE = FIRST_FAULT_LINE + 1
+
+
+def with_qkd_faults(*faults: str) -> str:
+    return QKD_BASE + "".join(f"  - {f}\n" for f in faults)
+
+
+def test_eavesdropper_faults_load() -> None:
+    s = parse_scenario(with_qkd_faults(
+        "{at: 2s, kind: qkd-intercept-resend, link: [bob, alice], fraction: 0.5, for: 3s}",
+        "{at: 6s, kind: qkd-pns, link: [alice, bob]}",
+    ))
+    ir, pns = s.faults
+    assert (ir.kind, ir.link, ir.at_s, ir.for_s, ir.fraction) == (
+        FaultKind.QKD_INTERCEPT_RESEND, ("alice", "bob"), 2.0, 3.0, 0.5)
+    assert (pns.kind, pns.link, pns.for_s, pns.fraction, pns.end_s) == (
+        FaultKind.QKD_PNS, ("alice", "bob"), None, None, math.inf)
+    assert ir.describe() == "qkd-intercept-resend [alice, bob] fraction 0.5 at 2 s for 3 s"
+    assert pns.describe() == "qkd-pns [alice, bob] at 6 s until the end"
+    data = scenario_to_dict(s)
+    assert data["faults"][0] == {"kind": "qkd-intercept-resend", "at": 2.0, "node": None, "link": ["alice", "bob"],
+                                 "for": 3.0, "fraction": 0.5}  # fmt: skip
+    assert scenario_from_dict(json.loads(json.dumps(data))) == s == parse_scenario(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # a link cut acts on the classical channel, an eavesdropper on the photons: they may overlap
+        ("{at: 2s, kind: link-cut, link: [alice, bob], for: 5s}",
+         "{at: 3s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 1, for: 1s}"),
+        ("{at: 2s, kind: qkd-pns, link: [alice, bob]}", "{at: 3s, kind: link-cut, link: [bob, alice], for: 1s}"),
+        # back to back on one eavesdropper
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 0.1, for: 1s}",
+         "{at: 3s, kind: qkd-pns, link: [alice, bob]}"),
+        # node faults on the link's ends do not clash either
+        ("{at: 2s, kind: qkd-pns, link: [alice, bob]}", "{at: 2s, kind: node-freeze, node: bob, for: 1s}"),
+    ],
+)
+def test_eavesdropper_faults_that_may_coexist(first: str, second: str) -> None:
+    assert len(parse_scenario(with_qkd_faults(first, second)).faults) == 2
+
+
+def test_eavesdroppers_on_one_link_may_not_overlap() -> None:
+    p = only_problem(with_qkd_faults(
+        "{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 0.5, for: 3s}",
+        "{at: 4s, kind: qkd-pns, link: [bob, alice], for: 1s}",
+    ))
+    assert (p.line, p.field) == (QKD_FIRST_FAULT_LINE + 1, "faults[1]"), p
+    assert p.message == (
+        "qkd-pns [alice, bob] at 4 s for 1 s overlaps faults[0] (qkd-intercept-resend [alice, bob] fraction 0.5 at "
+        "2 s for 3 s) on the eavesdropper of link [alice, bob]; faults on one target must not overlap in time")
+
+
+@pytest.mark.parametrize(
+    ("fault", "anchor", "field", "fragment"),
+    [
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob]}", "{", "faults[0].fraction",
+         "missing required field 'fraction': qkd-intercept-resend intercepts this share of the pulses"),
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 1.5}", "1.5", "faults[0].fraction",
+         "fraction must be > 0 and <= 1, got 1.5"),
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 0}", "0}", "faults[0].fraction",
+         "fraction must be > 0 and <= 1, got 0"),
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: -0.1}", "-0.1", "faults[0].fraction",
+         "> 0 and <= 1"),
+        ("{at: 2s, kind: qkd-intercept-resend, link: [alice, bob], fraction: half}", "half", "faults[0].fraction",
+         "expected a number"),
+        ("{at: 2s, kind: node-crash, node: bob, fraction: 0.5}", "0.5", "faults[0].fraction",
+         "node-crash takes no `fraction` (only qkd-intercept-resend does): remove it"),
+        ("{at: 2s, kind: link-cut, link: [alice, bob], fraction: 0.5}", "0.5", "faults[0].fraction",
+         "link-cut takes no `fraction`"),
+        ("{at: 2s, kind: qkd-pns, link: [alice, bob], fraction: 0.5}", "0.5", "faults[0].fraction",
+         "qkd-pns takes no `fraction`"),
+        ("{at: 2s, kind: qkd-pns, link: [bob, carol]}", "[bob", "faults[0].link",
+         "qkd-pns needs a QKD link: the link between 'bob' and 'carol' has no `qkd` section"),
+        ("{at: 2s, kind: qkd-intercept-resend, link: [carol, bob], fraction: 0.5}", "[carol", "faults[0].link",
+         "qkd-intercept-resend needs a QKD link: the link between 'bob' and 'carol' has no `qkd` section"),
+        ("{at: 2s, kind: qkd-pns, link: [alice, carol]}", "[alice", "faults[0].link", "no link between"),
+        ("{at: 2s, kind: qkd-pns, node: bob}", "{", "faults[0].link", "missing required field 'link'"),
+    ],
+)
+def test_bad_eavesdropper_faults(fault: str, anchor: str, field: str, fragment: str) -> None:
+    problems = problems_of(with_qkd_faults(fault))
+    p = next(p for p in problems if p.field == field)
+    column = len("  - ") + fault.rindex(anchor) + 1
+    assert (p.line, p.column) == (QKD_FIRST_FAULT_LINE, column), p
+    assert fragment in p.message, p.message
+    assert len(problems) == (2 if "node: bob" in fault and "qkd-pns" in fault else 1), problems
+
+
+def test_eavesdropper_faults_need_qkd_in_dicts_and_direct_construction() -> None:
+    data = scenario_to_dict(parse_scenario(with_qkd_faults("{at: 2s, kind: qkd-pns, link: [alice, bob]}")))
+    data["links"][0]["qkd"] = None
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict(data, source="run/scenario.json")
+    assert [p.field for p in info.value.problems] == ["faults[0].link"]
+    with pytest.raises(pydantic.ValidationError, match="needs a QKD link"):
+        Scenario.model_validate(data)
 
 
 # --------------------------------------------------------------------------- the shipped scenario
@@ -374,16 +485,17 @@ def test_crash_restart_bounds_are_four_standard_errors_below_the_model() -> None
 _FAULT_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 30), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["2s", "0s", "-1s", "1h", "alice", "bob", "carol", "dave", "Bob", "node-crash", "node-restart",
-                     "node-freeze", "link-cut", "fiber-cut"]),
+                     "node-freeze", "link-cut", "fiber-cut", "qkd-pns", "qkd-intercept-resend", "0.5"]),
     st.lists(st.sampled_from(["alice", "bob", "carol", "dave", 3]), max_size=3),
 )
-_FAULT = st.dictionaries(st.sampled_from(["at", "kind", "node", "link", "for", "fro"]), _FAULT_VALUES, max_size=5)
+_FAULT = st.dictionaries(st.sampled_from(["at", "kind", "node", "link", "for", "fro", "fraction"]), _FAULT_VALUES,
+                         max_size=6)
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_FAULT, max_size=4))
 def test_fuzz_faults(faults: list[dict[str, Any]]) -> None:
-    data = yaml.safe_load(BASE)
+    data = yaml.safe_load(QKD_BASE)
     data["faults"] = copy.deepcopy(faults)
     try:
         s = parse_scenario(yaml.safe_dump(data))
@@ -395,3 +507,6 @@ def test_fuzz_faults(faults: list[dict[str, Any]]) -> None:
             assert (f.node is None) != (f.link is None)
             assert f.node in (None, "alice", "bob") and 0 <= f.at_s < s.duration_s
             assert f.link in (None, ("alice", "bob"), ("bob", "carol"))
+            assert (f.fraction is not None) == (f.kind is FaultKind.QKD_INTERCEPT_RESEND)
+            assert f.fraction is None or 0 < f.fraction <= 1
+            assert not f.kind.eavesdrops or f.link == ("alice", "bob")  # the QKD link
