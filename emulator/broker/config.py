@@ -298,6 +298,9 @@ class BrokerLimits:
     max_ops_per_circuit: int = 10_000
     max_output_buffer_bytes: int = 64 * 1024 * 1024  # unread output before a session is dropped
     max_qkd_detections_per_batch: int = DEFAULT_MAX_DETECTIONS  # one qkd_detections (also capped by the frame)
+    # A QKD receiver with more unread output than this loses whole qkd_detections events
+    # (counted) instead of its session: a detector buffer overflowing, not a dead node.
+    max_qkd_backlog_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -305,6 +308,8 @@ class BrokerLimits:
                 raise ConfigError(f"{f.name} must be >= 1")
         if not (2 <= self.max_register_qubits <= MAX_REGISTER_QUBITS_LIMIT):
             raise ConfigError(f"max_register_qubits must be in [2, {MAX_REGISTER_QUBITS_LIMIT}]")
+        if self.max_qkd_backlog_bytes >= self.max_output_buffer_bytes:
+            raise ConfigError("max_qkd_backlog_bytes must be below max_output_buffer_bytes")
 
 
 @_frozen

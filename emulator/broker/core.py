@@ -322,6 +322,10 @@ class _Qkd:
     window_start_s: float = 0.0
     window_first_pulse: int = 0
     generation: int = 0  # bumps invalidate queued slice timers
+    overflowing: bool = False  # the receiver's backlog is over the limit (logged once per episode)
+    dropped_events: int = 0  # qkd_detections not sent: the receiver's backlog was over the limit
+    dropped_pulses: int = 0
+    dropped_detections: int = 0
 
     @property
     def rate_hz(self) -> float:
@@ -686,6 +690,12 @@ class BrokerCore:
         """Registered and not on its way out (a `bye` or a fatal error closes the session)."""
         s = None if node.session is None else self._sessions.get(node.session)
         return s is not None and s.state is SessionState.NODE
+
+    def _backlog_bytes(self, name: str) -> int:
+        """Output waiting for node `name` that its connection has not taken yet."""
+        node = self._nodes.get(name)
+        s = self._sessions.get(node.session) if node is not None and node.session is not None else None
+        return len(s.out) if s is not None else 0
 
     def _send_to_node(self, name: str, message: Message) -> None:
         node = self._nodes.get(name)
@@ -1420,6 +1430,20 @@ class BrokerCore:
             target = min(end, optical.next_pulse + q.slice_pulses)
             while True:
                 batch = optical.advance_to_pulse(target, max_detections=self._qkd_batch)
+                if self._backlog_bytes(q.receiver) > self.config.limits.max_qkd_backlog_bytes:
+                    # The receiver is not reading: its detections of this range are lost
+                    # (docs/protocol.md §4.7), the session lives on.
+                    if not q.overflowing:
+                        log.warning("qkd %s -> %s: the receiver is not reading; dropping detections",
+                                    q.transmitter, q.receiver)  # fmt: skip
+                    q.overflowing = True
+                    q.dropped_events += 1
+                    q.dropped_pulses += batch.end_pulse - batch.first_pulse
+                    q.dropped_detections += len(batch.for_receiver().pulse)
+                    if batch.complete:
+                        break
+                    continue
+                q.overflowing = False
                 rec = batch.for_receiver()
                 self._send_to_node(
                     q.receiver,
@@ -1482,4 +1506,7 @@ class BrokerCore:
             "detections_per_class": list(st.detections_per_class),
             "eve": dataclasses.asdict(st.eve),
             "eavesdropper": dataclasses.asdict(q.optical.eavesdropper),
+            "backlog_dropped_events": q.dropped_events,
+            "backlog_dropped_pulses": q.dropped_pulses,
+            "backlog_dropped_detections": q.dropped_detections,
         }

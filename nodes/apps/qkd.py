@@ -30,7 +30,9 @@ counted (``detections_dropped``, ``pulses_dropped``): a post-processor that cann
 up with the hardware loses whole windows, as a real one overflowing its buffer would.
 Sifting allows gaps (announcements cover only what was kept), so the pulses of dropped
 windows count for nothing and the decoy estimates stay unbiased; the secret key rate per
-second of emission shows the loss.
+second of emission shows the loss. The broker itself drops events for a receiver that
+has not read its connection for a while (§4.7): those show as gaps between windows,
+counted in ``pulses_lost_backlog``.
 
 Results (``results()``, counts and rates only — never key bits): final_key_bits
 (added to the pool), net_key_bits (of those, not taken back for authentication),
@@ -40,7 +42,7 @@ qber_per_intensity of the last block, sifted_bits, detections, pulses,
 blocks_done/aborted/discarded, alarms and the last alarm's reason, cascade_efficiency (f),
 single_photon_yield_lower / single_photon_error_upper of the last block,
 key_rate_per_pulse, leaked_bits, frame_errors, auth_rejects, protocol_rejects,
-auth_refills, detections_dropped, pulses_dropped, pool_match; and ``blocks``, the last
+auth_refills, detections_dropped, pulses_dropped, pulses_lost_backlog, pool_match; and ``blocks``, the last
 ``BLOCK_LOG_LENGTH`` finished blocks, each with ``seq`` (1, 2, ... over the run),
 ``block``, ``outcome`` ("key", "aborted", "discarded"), ``reason``, ``alarm``, pulses,
 detections, QBER per class and basis, gains, Y1^L, e1^U, f, leaked and final bits, and
@@ -285,6 +287,8 @@ class QkdApp(App):
         self._pulses_dropped = 0
         self._detections_dropped = 0
         self._windows = 0
+        self._last_end: int | None = None  # end_pulse of the last qkd_detections
+        self._pulses_lost_backlog = 0  # pulses of events the broker dropped (gaps)
         self._key_sifted = [0, 0]  # signal disclosed bits, key basis / test basis
         self._key_errors = [0, 0]
         self._last_block_qber: float | None = None
@@ -333,6 +337,10 @@ class QkdApp(App):
     def _on_event(self, message: Message, now: float) -> None:
         if isinstance(message, QkdDetections) and not self._alice:
             self._windows += 1
+            if self._last_end is not None and message.first_pulse > self._last_end:
+                # The broker dropped events while this node was not reading (§4.7).
+                self._pulses_lost_backlog += message.first_pulse - self._last_end
+            self._last_end = message.end_pulse
             if now - message.now_s > self.p.max_lag_s:
                 self._pulses_dropped += message.end_pulse - message.first_pulse
                 self._detections_dropped += len(message.pulse)
@@ -559,6 +567,7 @@ class QkdApp(App):
             "auth_refills": st.auth_refills,
             "detections_dropped": self._detections_dropped,
             "pulses_dropped": self._pulses_dropped,
+            "pulses_lost_backlog": self._pulses_lost_backlog,
             "pool_bits_available": self.pool.bits_available,
             "pool_match": self._pool_match,
             "stopped": self._stopped_reason,

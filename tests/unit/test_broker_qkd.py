@@ -493,3 +493,26 @@ def test_codec_round_trips_of_the_qkd_messages() -> None:
         assert type(again) is type(msg) and encode(again) == encode(msg)
     # qkd_listen's accept defaults to true when omitted.
     assert decode(msgpack.packb({"v": 1, "t": "qkd_listen", "id": 1, "peer": "a"})).message == QkdListen(peer="a")
+
+
+def test_a_receiver_that_does_not_read_loses_whole_events_not_its_session() -> None:
+    """While more than max_qkd_backlog_bytes wait unread for bob, the broker drops whole
+    qkd_detections (docs/protocol.md §4.7): bob sees gaps between the ranges, the
+    counts of what was dropped and what was sent add up to the optical link's, and
+    bob's session stays open. A batch wake-up emits every slice of 0.25 s before the
+    connection takes any byte, so with a 1-byte limit only the first event goes out."""
+    limits = BrokerLimits(max_qkd_backlog_bytes=1)
+    broker = InMemoryBroker(make_config(limits=limits))
+    alice, bob = start(broker)
+    broker.advance_to(0.25, batch=True)
+    sent = bob.messages(QkdDetections)
+    assert len(sent) == 1 and sent[0].first_pulse == 0
+    broker.advance_to(0.5, batch=True)  # bob read everything in between: the first event goes out again
+    sent += bob.messages(QkdDetections)
+    slice_pulses = round(broker.core.config.qkd_slice_s * RATE_HZ)
+    assert len(sent) == 2 and sent[1].first_pulse == sent[0].end_pulse + 24 * slice_pulses  # a gap, no overlap
+    stats = broker.core.statistics().qkd_links[("alice", "bob")]
+    assert stats["backlog_dropped_events"] == 2 * 24
+    assert sum(b.end_pulse - b.first_pulse for b in sent) + stats["backlog_dropped_pulses"] == round(0.5 * RATE_HZ)
+    assert sum(len(b.pulse) for b in sent) + stats["backlog_dropped_detections"] == stats["detections"]
+    assert not bob.closed and alice.messages(QkdEmitted)  # alice still learns what was emitted
