@@ -6,6 +6,6 @@ reconciliation (`cascade`), verification of the corrected key (`verification`), 
 amplification by Toeplitz hashing (`amplification`) and Wegman–Carter authentication of
 post-processing messages (`authentication`). `session` composes them per block for one
 end of a link (authenticated envelopes, key added to a `keypool.KeyPool` that both ends
-fill identically); wiring it into the node runtime, the scenario schema and a `qkd` app
-is still to be done (issue 4).
+fill identically). The `qkd` app (nodes/apps/qkd.py) runs a session in a node, over the
+classical link, with the node's `keypool.KeyPools`.
 """
