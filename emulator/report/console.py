@@ -146,16 +146,19 @@ class RunProgress:
             )
 
     def update_app(
-        self, name: str, *, measured: int | None, state: str, rate_hz: float | None, running_s: float | None = None
+        self, name: str, *, measured: int | None, state: str, rate_hz: float | None, running_s: float | None = None,
+        detail: str = "",
     ) -> None:
         """`measured`: the amount so far; `running_s`: emulated seconds since the app started
-        (what a bar `by_time` shows)."""
+        (what a bar `by_time` shows); `detail`: kind-specific figures shown after the rate."""
         if self._progress is None or name not in self._tasks:
             return
         bar = self._bars[name]
         note = state
         if rate_hz is not None:
             note += f"  {rate_hz:.4g} {bar.unit}/s (emulated)"
+        if detail:
+            note += f"  {escape(detail)}"
         fields: dict[str, Any] = {"note": note}
         if bar.by_time:
             if running_s is not None:

@@ -725,7 +725,7 @@ class RunDriver:
         self.progress.set_clock(self.timeline.elapsed_s(now))
         for p in self.timeline.progress(now):
             self.progress.update_app(p.name, measured=p.measured, state=p.state.value, rate_hz=p.rate,
-                                     running_s=p.running_s)  # fmt: skip
+                                     running_s=p.running_s, detail=p.detail)  # fmt: skip
 
     # ------------------------------------------------------------------ faults
 

@@ -562,6 +562,7 @@ class AppProgress(NamedTuple):
     running_s: float | None = None  # emulated seconds since the app started (None: not started)
     running_limit_s: float | None = None  # qkd with a duration: how long it runs at most
     unit: str = "pairs"
+    detail: str = ""  # kind-specific live figures (qkd: QBER, f, decoy bounds, blocks, alarms)
 
 
 @dataclasses.dataclass(slots=True)
@@ -685,8 +686,9 @@ class Timeline:
                 running_s = max(0.0, end - t.started_s)
             if rate is None and measured is not None and running_s is not None:
                 rate = measured / running_s if running_s > 0 else None
+            detail = _qkd_detail(results) if plan.kind == "qkd" else ""
             out.append(AppProgress(plan.name, t.state, measured, plan.requested_amount, rate, running_s,
-                                   plan.running_limit_s, plan.unit))  # fmt: skip
+                                   plan.running_limit_s, plan.unit, detail))  # fmt: skip
         return out
 
     def outcomes(self, *, unfinished_note: str | None = None) -> dict[str, AppOutcome]:
@@ -726,6 +728,28 @@ class Timeline:
             }
             for name, t in self._apps.items()
         }
+
+
+def _qkd_detail(results: Mapping[str, Any]) -> str:
+    """`QBER 3.31% (X 3.32%)  f 1.17  Y1>=0.0132 e1<=3.64%  blocks 4 (0 aborted)  alarms 0`
+    from a qkd app's latest results (what is not known yet is left out)."""
+    parts = []
+    qber, qber_x = _as_float(results.get("qber")), _as_float(results.get("qber_x"))
+    if qber is not None:
+        parts.append(f"QBER {qber:.2%}" + (f" (X {qber_x:.2%})" if qber_x is not None else ""))
+    f = _as_float(results.get("cascade_efficiency"))
+    if f is not None:
+        parts.append(f"f {f:.3g}")
+    y1, e1 = _as_float(results.get("single_photon_yield_lower")), _as_float(results.get("single_photon_error_upper"))
+    if y1 is not None and e1 is not None:
+        parts.append(f"Y1>={y1:.3g} e1<={e1:.2%}")
+    done, aborted = _as_int(results.get("blocks_done")), _as_int(results.get("blocks_aborted"))
+    if done is not None:
+        parts.append(f"blocks {done}" + (f" ({aborted} aborted)" if aborted else ""))
+    alarms = _as_int(results.get("alarms"))
+    if alarms:
+        parts.append(f"alarms {alarms}")
+    return "  ".join(parts)
 
 
 def _as_int(x: Any) -> int | None:

@@ -24,6 +24,19 @@ drives the broker's optical layer (docs/protocol.md §4.7):
    answer (or ``end_wait_s`` later without one). Both report ``pool_match``: the two
    pools were compared by a salted hash, never by their bits.
 
+Link interruptions. The classical link is a TCP connection, but a cut link or a broken
+connection can lose the messages in flight, and a peer may see one twice. Every ``pp``
+body carries ``ack`` (the sender accepts every envelope of the other direction below
+it); an end with nothing to send acknowledges with ``{"op": "ack", "next"}`` after
+``_ACK_EVERY`` envelopes or half a retry interval. Envelopes not acknowledged for a whole
+``retry_s`` without progress are sent again (``retransmitted``); a receiver passes the
+session only the envelope with the sequence number it expects and drops the others
+unseen — older ones as ``replayed`` (a retransmission it no longer needs, or a replay:
+the two are the same to it), newer ones as ``out_of_order`` (one before them was lost and
+will come again) — so neither costs authentication key. ``drained`` waits until Alice has
+acknowledged all of Bob's envelopes and is repeated until ``end`` arrives; ``end`` is
+repeated until ``ended`` (for ``end_wait_s`` at most).
+
 Load shedding (Bob). ``qkd_detections`` carries the emulated time its range ended; a
 window that reaches Bob more than ``max_lag_s`` after that is dropped unannounced and
 counted (``detections_dropped``, ``pulses_dropped``): a post-processor that cannot keep
@@ -105,6 +118,8 @@ _MAX_KEY_BITS = 1 << 40
 #: Finished blocks kept in `results()["blocks"]` (the orchestrator polls far more often
 #: than blocks finish, and turns each new record into a `qkd_block` event).
 BLOCK_LOG_LENGTH = 32
+_ACK_EVERY = 32  # acknowledge at once after this many envelopes with nothing to piggyback on
+_RESEND_BATCH = 256  # envelopes sent again per retransmission round
 _SALT_BYTES = 16
 
 
@@ -282,6 +297,7 @@ class QkdApp(App):
         self._drained = False  # Alice: Bob announced everything
         self._end_sent_s: float | None = None
         self._pool_match: bool | None = None
+        self._unlisten_sent = False
         self._salt = b""
         # metrics
         self._pulses_dropped = 0
@@ -296,6 +312,15 @@ class QkdApp(App):
         self._open: dict[int, dict[str, Any]] = {}  # per-block records not finished yet
         self._block_log: deque[dict[str, Any]] = deque(maxlen=BLOCK_LOG_LENGTH)
         self._block_seq = 0
+        # the reliable envelope stream (module docstring, "Link interruptions")
+        self._unacked: deque[tuple[int, dict[str, Any]]] = deque()  # sent, not acknowledged
+        self._peer_next = 0  # the peer has accepted every envelope below this seq
+        self._peer_next_at_check = -1  # ... as it was at the last retransmission check
+        self._acked_sent = 0  # the highest `ack` we told the peer
+        self._replayed = 0  # envelopes below the expected seq: duplicates or replays, dropped
+        self._ahead = 0  # envelopes above the expected seq (one before them was lost), dropped
+        self._retransmitted = 0
+        self._deadlines: dict[str, float] = {}  # named deadlines; the app's timer is the earliest
 
     # ------------------------------------------------------------------ inputs
 
@@ -312,7 +337,15 @@ class QkdApp(App):
     def _ask_start(self, now: float) -> None:
         self._attempts += 1
         self._send_peer(self.p.peer, self.p.peer_app, {"op": "start"})
-        self._set_timer(now + self.p.retry_s)
+        self._arm("start", now + self.p.retry_s)
+
+    def _arm(self, name: str, at: float | None) -> None:
+        """Set (or with None clear) one named deadline; the app's timer is the earliest."""
+        if at is None:
+            self._deadlines.pop(name, None)
+        else:
+            self._deadlines[name] = at
+        self._timer = min(self._deadlines.values(), default=None)
 
     def _on_reply(self, tag: Hashable, message: Message, now: float) -> None:
         if isinstance(message, Error):
@@ -328,9 +361,8 @@ class QkdApp(App):
                 self._send_peer(self.p.peer, self.p.peer_app, {"op": "ready"})
         elif tag == "qkd_start" and self._started_s is None:
             self._started_s = now
-            self._timer = None
             if self.p.duration_s is not None:
-                self._set_timer(now + self.p.duration_s)
+                self._arm("stop", now + self.p.duration_s)
         elif tag == "unlisten":
             self._finish(now)
 
@@ -366,9 +398,16 @@ class QkdApp(App):
             assert isinstance(self.session, QkdLinkBob)
             self.session.flush(now)
             self._after_session(now)
-            self._send_peer(self.p.peer, self.p.peer_app, {"op": "drained"})
+            self._send_drained(now)
         else:
             self._maybe_end(now)
+
+    def _send_drained(self, now: float) -> None:
+        """Bob: tell Alice the stream is complete once she has accepted all of it (checked
+        again every retry_s until her `end`)."""
+        if not self._unacked:
+            self._send_peer(self.p.peer, self.p.peer_app, {"op": "drained"})
+        self._arm("drained", now + self.p.retry_s)
 
     def _on_peer_message(self, peer: str, body: Mapping[str, Any], now: float) -> None:
         if peer != self.p.peer:
@@ -382,24 +421,41 @@ class QkdApp(App):
                 self._send_peer(self.p.peer, self.p.peer_app, {"op": "ready"})
         elif op == "ready" and self._alice and not self._ready:
             self._ready = True
-            self._timer = None
+            self._arm("start", None)
             self._request("qkd_start", QkdStart(peer=self.p.peer))
         elif op == "error" and self._alice:
             self._fail(f"the receiver could not listen: {str(body.get('code'))[:64]}", now)
+        elif op == "ack":
+            self._take_ack(body.get("next"), now)
         elif op == "drained" and self._alice:
             self._drained = True
             self._maybe_end(now)
         elif op == "end" and not self._alice:
+            self._take_ack(body.get("ack"), now)
+            self._arm("drained", None)
             self._check_end(body, now)
-        elif op == "ended" and self._alice:
+        elif op == "ended" and self._alice and self._end_sent_s is not None:
             match = body.get("match")
             self._pool_match = match if isinstance(match, bool) else None
+            self._arm("end", None)
             self._finish(now)
 
     def _receive_envelope(self, body: Mapping[str, Any], now: float) -> None:
+        self._take_ack(body.get("ack"), now)
         seq, raw, tag = body.get("seq"), body.get("msg"), body.get("tag")
         if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(raw, bytes) or not isinstance(tag, bytes):
             self._count_bad_envelope("envelope fields of the wrong type", now)
+            return
+        expected = self.session.next_inbound_seq
+        if seq != expected:
+            # Below: a retransmission we no longer need, or a replay; above: one before it
+            # was lost (the peer resends from the gap). Neither reaches the session.
+            if seq < expected:
+                self._replayed += 1
+            else:
+                self._ahead += 1
+            self._arm("ack", now)  # tell the peer where we are
+            self._after_session(now)
             return
         try:
             message = message_from_payload(raw)
@@ -407,7 +463,28 @@ class QkdApp(App):
             self._count_bad_envelope(exc.message, now)
             return
         self.session.receive(Envelope(seq, message, tag), now)
+        unacked_in = self.session.next_inbound_seq - self._acked_sent
+        if unacked_in >= _ACK_EVERY:
+            self._arm("ack", now)
+        elif unacked_in > 0 and "ack" not in self._deadlines:
+            self._arm("ack", now + self.p.retry_s / 2)
         self._after_session(now)
+
+    def _take_ack(self, value: object, now: float) -> None:
+        """The peer has accepted every envelope below `value`: forget them."""
+        if isinstance(value, bool) or not isinstance(value, int) or value <= self._peer_next:
+            return
+        self._peer_next = value
+        while self._unacked and self._unacked[0][0] < value:
+            self._unacked.popleft()
+        if not self._unacked:
+            self._arm("resend", None)
+            if self._alice:
+                self._maybe_end(now)
+
+    def _send_ack(self) -> None:
+        self._acked_sent = self.session.next_inbound_seq
+        self._send_peer(self.p.peer, self.p.peer_app, {"op": "ack", "next": self._acked_sent})
 
     def _count_bad_envelope(self, reason: str, now: float) -> None:
         self.session.reject_unreadable(reason)
@@ -415,25 +492,59 @@ class QkdApp(App):
             self._note(event, now)
 
     def _on_timer(self, now: float) -> None:
-        if self._alice and not self._ready:
-            if self._attempts >= self.p.max_start_attempts:
-                self._fail(f"the receiver did not get ready after {self._attempts} attempts", now)
-            else:
+        if self.state is not AppState.RUNNING:  # finished: nothing more to send or wait for
+            self._deadlines.clear()
+            self._timer = None
+            return
+        due = [name for name, at in self._deadlines.items() if at <= now]
+        for name in due:
+            self._deadlines.pop(name, None)
+        self._arm("_", None)  # recompute the timer from what is left
+        for name in due:
+            if name == "start" and not self._ready:
+                if self._attempts >= self.p.max_start_attempts:
+                    self._fail(f"the receiver did not get ready after {self._attempts} attempts", now)
+                    return
                 self._ask_start(now)
-        elif self._alice and self._started_s is not None and not self._stop_sent and self._stopped_s is None:
-            self._stop(now)
-        elif self._end_sent_s is not None:
-            self._finish(now)  # Bob never answered the pool check: pool_match stays unknown
+            elif name == "stop" and not self._stop_sent and self._stopped_s is None:
+                self._stop(now)
+            elif name == "ack":
+                self._send_ack()
+            elif name == "resend":
+                self._resend(now)
+            elif name == "drained":
+                self._send_drained(now)
+            elif name == "end":
+                if now - (self._end_sent_s or now) >= self.p.end_wait_s:
+                    self._finish(now)  # Bob never answered the pool check: pool_match stays unknown
+                else:
+                    self._send_end(now)
+
+    def _resend(self, now: float) -> None:
+        """No acknowledgement progress for a whole retry interval: send the unacknowledged
+        envelopes again (at most _RESEND_BATCH; the rest follow once those are acked)."""
+        if not self._unacked:
+            return
+        if self._peer_next == self._peer_next_at_check:
+            for _, body in list(self._unacked)[:_RESEND_BATCH]:
+                self._send_peer(self.p.peer, self.p.peer_app, {**body, "ack": self.session.next_inbound_seq})
+                self._retransmitted += 1
+        self._peer_next_at_check = self._peer_next
+        self._arm("resend", now + self.p.retry_s)
 
     # ------------------------------------------------------------------ the session
 
     def _after_session(self, now: float) -> None:
         """Send what the session sealed, digest its events, stop or end when due."""
         for env in self.session.messages_to_send():
-            self._send_peer(
-                self.p.peer, self.p.peer_app,
-                {"op": "pp", "seq": env.seq, "msg": payload_bytes(env.message), "tag": env.tag},
-            )  # fmt: skip
+            body = {"op": "pp", "seq": env.seq, "msg": payload_bytes(env.message), "tag": env.tag}
+            self._unacked.append((env.seq, body))
+            self._acked_sent = self.session.next_inbound_seq
+            self._send_peer(self.p.peer, self.p.peer_app, {**body, "ack": self._acked_sent})
+            self._arm("ack", None)  # piggybacked
+            if "resend" not in self._deadlines:
+                self._peer_next_at_check = self._peer_next
+                self._arm("resend", now + self.p.retry_s)
         while (event := self.session.next_event()) is not None:
             self._note(event, now)
         if self._alice:
@@ -507,14 +618,22 @@ class QkdApp(App):
         s = self.session
         if (
             self._stopped_s is None or not self._drained or self._end_sent_s is not None
-            or s.blocks_in_progress or s.messages_waiting or self.state is not AppState.RUNNING
+            or s.blocks_in_progress or s.messages_waiting or self._unacked or self.state is not AppState.RUNNING
         ):  # fmt: skip
             return
         self._salt = self._rng.bytes(_SALT_BYTES)
-        check = hashlib.sha256(self._salt + self.pool.digest()).digest()
-        self._send_peer(self.p.peer, self.p.peer_app, {"op": "end", "salt": self._salt, "check": check})
         self._end_sent_s = now
-        self._set_timer(now + self.p.end_wait_s)
+        self._send_end(now)
+
+    def _send_end(self, now: float) -> None:
+        """Alice: the pool check (again every retry_s until `ended`, for end_wait_s at most)."""
+        check = hashlib.sha256(self._salt + self.pool.digest()).digest()
+        self._acked_sent = self.session.next_inbound_seq
+        self._send_peer(self.p.peer, self.p.peer_app,
+                        {"op": "end", "salt": self._salt, "check": check, "ack": self._acked_sent})  # fmt: skip
+        self._arm("ack", None)
+        assert self._end_sent_s is not None
+        self._arm("end", min(now + self.p.retry_s, self._end_sent_s + self.p.end_wait_s))
 
     def _check_end(self, body: Mapping[str, Any], now: float) -> None:
         salt, check = body.get("salt"), body.get("check")
@@ -525,7 +644,9 @@ class QkdApp(App):
             match = hmac.compare_digest(mine, check)
         self._pool_match = match
         self._send_peer(self.p.peer, self.p.peer_app, {"op": "ended", "match": match})
-        self._request("unlisten", QkdListen(peer=self.p.peer, accept=False))
+        if self.state is AppState.RUNNING and not self._unlisten_sent:  # a repeated `end` is answered again
+            self._unlisten_sent = True
+            self._request("unlisten", QkdListen(peer=self.p.peer, accept=False))
 
     # ------------------------------------------------------------------ outputs
 
@@ -565,6 +686,9 @@ class QkdApp(App):
             "auth_rejects": st.auth_rejects,
             "protocol_rejects": st.protocol_rejects,
             "auth_refills": st.auth_refills,
+            "replayed": self._replayed,
+            "out_of_order": self._ahead,
+            "retransmitted": self._retransmitted,
             "detections_dropped": self._detections_dropped,
             "pulses_dropped": self._pulses_dropped,
             "pulses_lost_backlog": self._pulses_lost_backlog,

@@ -562,6 +562,11 @@ class _End(abc.ABC):
         return self._events.popleft() if self._events else None
 
     @property
+    def next_inbound_seq(self) -> int:
+        """The sequence number of the next envelope this end will accept from the other."""
+        return self._auth.next_verify_seq
+
+    @property
     def blocks_in_progress(self) -> int:
         """Blocks closed by sifting whose key is not in the pool (or dropped) yet."""
         return self._sifting.blocks_open + len(self._queue)

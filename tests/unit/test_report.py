@@ -391,12 +391,21 @@ def test_timeline_counts_qkd_progress_in_key_bits() -> None:
     timeline.observe("keys", "initiator", "running", {"final_key_bits": 1024, "secret_key_rate_bps": 512.0}, 3.0)
     timeline.observe("timed", "initiator", "running", {"final_key_bits": 300}, 4.0)
     keys, timed, epr = timeline.progress(5.0)
-    assert keys == ("keys", AppState.RUNNING, 1024, 4096, 512.0, 4.0, None, "bits")
+    assert keys == ("keys", AppState.RUNNING, 1024, 4096, 512.0, 4.0, None, "bits", "")
     assert (keys.measured, keys.requested, keys.unit) == (1024, 4096, "bits")
     # a duration-only app: no amount requested, the bar follows its running time against the duration
     assert (timed.measured, timed.requested, timed.rate, timed.running_s, timed.running_limit_s) == (
         300, None, 75.0, 4.0, 10.0)
     assert epr[:5] == ("epr", AppState.RUNNING, None, 10, None) and epr.unit == "pairs"
+    # the live line of a qkd app: QBER per basis, f, the decoy bounds, blocks and alarms
+    live = {"final_key_bits": 2048, "qber": 0.0331, "qber_x": 0.0332, "cascade_efficiency": 1.168,
+            "single_photon_yield_lower": 0.0132, "single_photon_error_upper": 0.0364, "blocks_done": 2,
+            "blocks_aborted": 1, "alarms": 1}  # fmt: skip
+    timeline.observe("keys", "initiator", "running", live, 5.5)
+    assert timeline.progress(5.5)[0].detail == (
+        "QBER 3.31% (X 3.32%)  f 1.17  Y1>=0.0132 e1<=3.64%  blocks 2 (1 aborted)  alarms 1"
+    )
+    assert epr.detail == ""
     done = {"final_key_bits": 4096, "secret_key_rate_bps": 800.0, "qber": 0.021}
     change = timeline.observe("keys", "initiator", "done", done, 6.0)
     assert change is not None and change.state is AppState.DONE
@@ -433,12 +442,12 @@ def test_live_progress_of_a_qkd_app() -> None:
     console = Console(width=160, record=True, force_terminal=True)
     bars = [AppBar("keys", 4096, "bits"), AppBar("timed", 10.0, "bits", by_time=True), ("epr", 100)]
     progress = RunProgress(console, bars, duration_s=30.0, live=True)
-    progress.update_app("keys", measured=1024, state="running", rate_hz=512.0, running_s=2.0)
+    progress.update_app("keys", measured=1024, state="running", rate_hz=512.0, running_s=2.0, detail="QBER 3.31%")
     progress.update_app("timed", measured=300, state="running", rate_hz=75.0, running_s=4.0)
     progress.update_app("epr", measured=40, state="running", rate_hz=20.0)
     tasks = {t.description: t for t in progress._progress.tasks}  # type: ignore[union-attr]
     progress.stop()
     assert (tasks["keys"].completed, tasks["keys"].total, tasks["keys"].fields["count"]) == (1024, 4096, "1024/4096")
-    assert "512 bits/s (emulated)" in tasks["keys"].fields["note"]
+    assert tasks["keys"].fields["note"] == "running  512 bits/s (emulated)  QBER 3.31%"
     assert (tasks["timed"].completed, tasks["timed"].total, tasks["timed"].fields["count"]) == (4.0, 10.0, "300 bits")
     assert (tasks["epr"].fields["count"], tasks["epr"].fields["note"]) == ("40/100", "running  20 pairs/s (emulated)")
