@@ -106,7 +106,8 @@ Address = tuple[str, int]
 
 #: What a `qkd_block` event carries of a qkd app's block record (nodes/apps/qkd.py).
 _BLOCK_EVENT_FIELDS = (
-    "seq", "block", "outcome", "reason", "alarm", "pulses", "detections", "qber", "qber_x", "qber_by_class",
+    "seq", "block", "outcome", "reason", "alarm", "pulses", "detections", "sifted_bits", "key_bits_in", "qber",
+    "qber_x", "qber_by_class",
     "gains", "single_photon_yield_lower", "single_photon_error_upper", "cascade_efficiency", "leaked_bits",
     "frame_errors", "final_bits", "at_s",
 )

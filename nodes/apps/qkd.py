@@ -58,7 +58,8 @@ key_rate_per_pulse, leaked_bits, frame_errors, auth_rejects, protocol_rejects,
 auth_refills, detections_dropped, pulses_dropped, pulses_lost_backlog, pool_match; and ``blocks``, the last
 ``BLOCK_LOG_LENGTH`` finished blocks, each with ``seq`` (1, 2, ... over the run),
 ``block``, ``outcome`` ("key", "aborted", "discarded"), ``reason``, ``alarm``, pulses,
-detections, QBER per class and basis, gains, Y1^L, e1^U, f, leaked and final bits, and
+detections, sifted bits (bases agreed, every class), key bits into reconciliation, QBER
+per class and basis, gains, Y1^L, e1^U, f, leaked and final bits, and
 the emulated times it was sifted and finished.
 
 Parameters (``app_start`` params): ``role`` ("initiator" on the transmitter, "responder"
@@ -566,7 +567,8 @@ class QkdApp(App):
             self._last_block_qber = c.errors[sig][c.key_basis] / d if d else None
             self._open[c.block_id] = {
                 "block": c.block_id, "pulses": c.pulses, "detections": sum(c.detections),
-                "key_bits_in": c.key_bits, "sifted_at_s": round(now, 6),
+                "sifted_bits": sum(sum(row) for row in c.sifted), "key_bits_in": c.key_bits,
+                "sifted_at_s": round(now, 6),
                 "qber_by_class": {  # [Z, X] per intensity class, from the disclosed bits
                     name: [c.errors[k][b] / c.disclosed[k][b] if c.disclosed[k][b] else None for b in (0, 1)]
                     for k, name in enumerate(("signal", "decoy", "vacuum"))

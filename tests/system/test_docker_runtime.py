@@ -152,3 +152,27 @@ def test_a_failed_run_leaves_nothing_behind(tmp_path: Path, qnetem_image: str, d
     label = f"{LABEL_RUN}={results['run_id']}"
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
     assert docker_client.networks.list(filters={"label": label}) == []
+
+
+def test_qkd_in_containers_under_an_eavesdropper(tmp_path: Path, qnetem_image: str) -> None:
+    """scenarios/bb84-eve.yaml, shortened, in containers: the optical layer in the broker
+    container, the post-processing in the node containers over their private link
+    network; both pools end identical, and the eavesdropper (an admin request to the
+    broker, nothing at the container boundary) raises the alarm."""
+    data = yaml.safe_load((ROOT / "scenarios" / "bb84-eve.yaml").read_text())
+    data["apps"][0]["duration"] = "6s"
+    data["faults"][0]["at"] = "3s"
+    data["expect"] = [
+        {"metric": "final_key_bits", "app": "attacked", "min": 1},
+        {"metric": "alarms", "app": "attacked", "min": 1},
+    ]
+    path = tmp_path / "eve.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "run"
+    outcome, results = run_docker(path, out, qnetem_image)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    apps = results["stats"]["apps"]["attacked"]
+    alice, bob = apps["initiator"]["results"], apps["responder"]["results"]
+    assert alice["pool_match"] is True and bob["pool_match"] is True
+    assert alice["final_key_bits"] == bob["final_key_bits"] > 0
+    assert any(e["event"] == "qkd_alarm" for e in events_of(out))
