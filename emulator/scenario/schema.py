@@ -582,6 +582,20 @@ class AppBase(_Model):
                 yield ("nodes", j), f"node {node!r} has no link"
 
 
+def _pair_issues(kind: str, nodes: tuple[str, str], topo: Topology) -> Iterator[tuple[Loc, str]]:
+    """What a two-node app needs of any topology: declared, distinct, directly linked nodes."""
+    a, b = nodes
+    unknown = [(j, node) for j, node in enumerate(nodes) if node not in topo.nodes]
+    for j, node in unknown:
+        yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
+    if unknown:
+        return
+    if a == b:
+        yield ("nodes", 1), f"{kind} needs two different nodes, got {a!r} twice"
+    elif not topo.linked(a, b):
+        yield ("nodes",), f"{kind} needs a direct link between {a!r} and {b!r}; add one under `links`"
+
+
 class EprTest(AppBase):
     """Generate entangled pairs on a direct link, measure them, estimate fidelity and CHSH.
 
@@ -598,18 +612,11 @@ class EprTest(AppBase):
 
     def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
         a, b = self.nodes
-        unknown = False
-        for j, node in enumerate(self.nodes):
-            if node not in topo.nodes:
-                unknown = True
-                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
-        if unknown:
+        issues = list(_pair_issues(self.kind, self.nodes, topo))
+        yield from issues
+        if issues:
             return
-        if a == b:
-            yield ("nodes", 1), f"epr-test needs two different nodes, got {a!r} twice"
-        elif not topo.linked(a, b):
-            yield ("nodes",), f"epr-test needs a direct link between {a!r} and {b!r}; add one under `links`"
-        elif frozenset((a, b)) not in topo.entangling:
+        if frozenset((a, b)) not in topo.entangling:
             yield ("nodes",), (f"epr-test needs entanglement on the link between {a!r} and {b!r}; "
                                "give that link an `entanglement` section")
 
@@ -685,19 +692,12 @@ class QkdApp(AppBase):
 
     def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
         a, b = self.nodes
-        unknown = False
-        for j, node in enumerate(self.nodes):
-            if node not in topo.nodes:
-                unknown = True
-                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
-        if unknown:
+        issues = list(_pair_issues(self.kind, self.nodes, topo))
+        yield from issues
+        if issues:
             return
         pair = frozenset((a, b))
-        if a == b:
-            yield ("nodes", 1), f"qkd needs two different nodes, got {a!r} twice"
-        elif not topo.linked(a, b):
-            yield ("nodes",), f"qkd needs a direct link between {a!r} and {b!r}; add one under `links`"
-        elif pair not in topo.qkd:
+        if pair not in topo.qkd:
             yield ("nodes",), (f"qkd needs a QKD link between {a!r} and {b!r}; "
                                "give that link a `qkd` section")
         else:

@@ -92,6 +92,7 @@ from emulator.wire import (
     Message,
 )
 
+from ._params import int_param, neighbour_param, number_param, peer_app_param, reject_unknown, role_param
 from .base import App, AppContext, AppParamError
 
 __all__ = [
@@ -162,27 +163,6 @@ class EprTestParams:
     max_start_attempts: int = 40
 
 
-def _int(params: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = params.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AppParamError(key, f"must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise AppParamError(key, f"must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _float(params: Mapping[str, Any], key: str, default: float) -> float:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AppParamError(key, f"must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise AppParamError(key, f"must be finite and >= 0, got {value}")
-    return value
-
-
 def correlator_table(
     a_settings: np.ndarray, b_settings: np.ndarray, a_outcomes: np.ndarray, b_outcomes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -246,44 +226,31 @@ class EprTestApp(App):
 
     @classmethod
     def parse_params(cls, params: Mapping[str, Any], ctx: AppContext) -> EprTestParams:
-        known = {f.name for f in dataclasses.fields(EprTestParams)}
-        for key in params:
-            if key not in known:
-                raise AppParamError(str(key)[:64], "unknown parameter")
-        role_raw = params.get("role")
-        try:
-            role = Role(role_raw)
-        except ValueError:
-            raise AppParamError("role", "must be 'initiator' or 'responder'") from None
-        peer = params.get("peer")
-        if not isinstance(peer, str) or not peer:
-            raise AppParamError("peer", "must be a node name")
-        link = ctx.links.get(peer)
-        if link is None:
-            raise AppParamError("peer", f"{peer[:64]!r} is not a neighbour of {ctx.node!r}")
+        reject_unknown(params, EprTestParams)
+        role = role_param(params, Role)
+        peer, link = neighbour_param(params, ctx)
         if not link.entanglement:
             raise AppParamError("peer", f"the link to {peer!r} has no entanglement source")
-        pairs = _int(params, "pairs", None, 1, _MAX_PAIRS)
+        pairs = int_param(params, "pairs", None, 1, _MAX_PAIRS)
         if pairs is None:
             raise AppParamError("pairs", "required")
-        peer_app = params.get("peer_app", ctx.name)
-        if not isinstance(peer_app, str) or not peer_app:
-            raise AppParamError("peer_app", "must be an app instance name")
-        seed = _int(params, "seed", None, 0, 2**63 - 1)
+        peer_app = peer_app_param(params, ctx)
+        seed = int_param(params, "seed", None, 0, 2**63 - 1)
         default_retry_s = 0.5 / ctx.time_scale  # half a wall second
-        retry_s = _float(params, "retry_s", default_retry_s)
+        retry_s = number_param(params, "retry_s", default_retry_s)
+        assert retry_s is not None  # it has a default
         if retry_s <= 0.0:
             raise AppParamError("retry_s", "must be > 0")
         return EprTestParams(
             role=role,
             peer=peer,
             pairs=pairs,
-            wait_s=_float(params, "wait_s", 0.0),
+            wait_s=number_param(params, "wait_s", 0.0) or 0.0,
             seed=seed,
             peer_app=peer_app,
-            max_batch=_int(params, "max_batch", 4096, 1, _MAX_BATCH) or 4096,
+            max_batch=int_param(params, "max_batch", 4096, 1, _MAX_BATCH) or 4096,
             retry_s=retry_s,
-            max_start_attempts=_int(params, "max_start_attempts", 40, 1, 10_000) or 40,
+            max_start_attempts=int_param(params, "max_start_attempts", 40, 1, 10_000) or 40,
         )
 
     def __init__(self, ctx: AppContext, params: EprTestParams) -> None:

@@ -111,6 +111,7 @@ from nodes.qkd.session import (
 )
 from nodes.qkd.sifting import DetectionWindow
 
+from ._params import int_param, neighbour_param, number_param, peer_app_param, reject_unknown, role_param
 from .base import App, AppContext, AppParamError, AppState
 
 __all__ = ["QkdApp", "QkdParams", "QkdRole"]
@@ -150,29 +151,6 @@ class QkdParams:
     seed: int | None
 
 
-def _number(params: Mapping[str, Any], key: str, default: float | None, lo: float, hi: float) -> float | None:
-    value = params.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AppParamError(key, f"must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (lo <= value <= hi and math.isfinite(value)):
-        raise AppParamError(key, f"must be in [{lo:g}, {hi:g}], got {value!r}")
-    return value
-
-
-def _integer(params: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = params.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AppParamError(key, f"must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise AppParamError(key, f"must be in [{lo}, {hi}], got {value}")
-    return value
-
-
 def _nan_to_none(x: float) -> float | None:
     return None if not math.isfinite(x) else float(x)
 
@@ -184,20 +162,9 @@ class QkdApp(App):
 
     @classmethod
     def parse_params(cls, params: Mapping[str, Any], ctx: AppContext) -> QkdParams:
-        known = {f.name for f in dataclasses.fields(QkdParams)}
-        for key in params:
-            if key not in known:
-                raise AppParamError(str(key)[:64], "unknown parameter")
-        try:
-            role = QkdRole(params.get("role"))
-        except ValueError:
-            raise AppParamError("role", "must be 'initiator' or 'responder'") from None
-        peer = params.get("peer")
-        if not isinstance(peer, str) or not peer:
-            raise AppParamError("peer", "must be a node name")
-        link = ctx.links.get(peer)
-        if link is None:
-            raise AppParamError("peer", f"{peer[:64]!r} is not a neighbour of {ctx.node!r}")
+        reject_unknown(params, QkdParams)
+        role = role_param(params, QkdRole)
+        peer, link = neighbour_param(params, ctx)
         info = link.qkd
         if info is None:
             raise AppParamError("peer", f"the link to {peer!r} has no QKD optical layer")
@@ -208,37 +175,35 @@ class QkdApp(App):
             )
         if info.auth_key is None or (role is QkdRole.INITIATOR and info.alice_key is None):
             raise AppParamError("peer", "the broker gave this node no keys for the link")
-        duration_s = _number(params, "duration_s", None, 0.0, 1e9)
-        key_bits = _integer(params, "key_bits", None, 1, _MAX_KEY_BITS)
+        duration_s = number_param(params, "duration_s", None, 0.0, 1e9)
+        key_bits = int_param(params, "key_bits", None, 1, _MAX_KEY_BITS)
         if role is QkdRole.INITIATOR and duration_s is None and key_bits is None:
             raise AppParamError("duration_s", "give duration_s, key_bits or both")
         try:
             cascade = CascadeVariant(params.get("cascade", CascadeVariant.ORIGINAL.value))
         except ValueError:
             raise AppParamError("cascade", f"must be one of {[v.value for v in CascadeVariant]}") from None
-        peer_app = params.get("peer_app", ctx.name)
-        if not isinstance(peer_app, str) or not peer_app:
-            raise AppParamError("peer_app", "must be an app instance name")
-        retry_s = _number(params, "retry_s", 0.5 / ctx.time_scale, 1e-6, 1e6)
+        peer_app = peer_app_param(params, ctx)
+        retry_s = number_param(params, "retry_s", 0.5 / ctx.time_scale, 1e-6, 1e6)
         assert retry_s is not None
         parsed = QkdParams(
             role=role,
             peer=peer,
             duration_s=duration_s,
             key_bits=key_bits,
-            block_key_bits=_integer(params, "block_key_bits", 1_000_000, 10_000, 1 << 24) or 1_000_000,
+            block_key_bits=int_param(params, "block_key_bits", 1_000_000, 10_000, 1 << 24) or 1_000_000,
             cascade=cascade,
-            epsilon_sec=_number(params, "epsilon_sec", 1e-10, 1e-300, 0.5) or 1e-10,
-            epsilon_cor=_number(params, "epsilon_cor", 1e-15, 1e-300, 0.5) or 1e-15,
-            qber_threshold=_number(params, "qber_threshold", 0.11, 0.0, 0.5) or 0.0,
-            sample_fraction=_number(params, "sample_fraction", 0.05, 1e-6, 0.5) or 0.05,
+            epsilon_sec=number_param(params, "epsilon_sec", 1e-10, 1e-300, 0.5) or 1e-10,
+            epsilon_cor=number_param(params, "epsilon_cor", 1e-15, 1e-300, 0.5) or 1e-15,
+            qber_threshold=number_param(params, "qber_threshold", 0.11, 0.0, 0.5) or 0.0,
+            sample_fraction=number_param(params, "sample_fraction", 0.05, 1e-6, 0.5) or 0.05,
             peer_app=peer_app,
-            max_lag_s=_number(params, "max_lag_s", 2.0, 0.0, 1e9) or 0.0,
-            announce_interval_s=_number(params, "announce_interval_s", 0.05, 0.0, 1e3) or 0.0,
+            max_lag_s=number_param(params, "max_lag_s", 2.0, 0.0, 1e9) or 0.0,
+            announce_interval_s=number_param(params, "announce_interval_s", 0.05, 0.0, 1e3) or 0.0,
             retry_s=retry_s,
-            max_start_attempts=_integer(params, "max_start_attempts", 40, 1, 10_000) or 40,
-            end_wait_s=_number(params, "end_wait_s", 5.0 / ctx.time_scale, 0.0, 1e6) or 0.0,
-            seed=_integer(params, "seed", None, 0, 2**63 - 1),
+            max_start_attempts=int_param(params, "max_start_attempts", 40, 1, 10_000) or 40,
+            end_wait_s=number_param(params, "end_wait_s", 5.0 / ctx.time_scale, 0.0, 1e6) or 0.0,
+            seed=int_param(params, "seed", None, 0, 2**63 - 1),
         )
         try:
             cls._session_config(parsed, info)
