@@ -35,7 +35,11 @@ unseen — older ones as ``replayed`` (a retransmission it no longer needs, or a
 the two are the same to it), newer ones as ``out_of_order`` (one before them was lost and
 will come again) — so neither costs authentication key. ``drained`` waits until Alice has
 acknowledged all of Bob's envelopes and is repeated until ``end`` arrives; ``end`` is
-repeated until ``ended`` (for ``end_wait_s`` at most).
+repeated until ``ended`` (for ``end_wait_s`` at most). Checks without progress back off
+(2, 4, ... 16 retry intervals) so that a long cut does not fill the node's outbox with
+copies. Acknowledgements are not authenticated: forging one can stall the link, which
+anyone on the channel can do anyway by dropping messages; it cannot make either end
+accept a message or a key bit.
 
 Load shedding (Bob). ``qkd_detections`` carries the emulated time its range ended; a
 window that reaches Bob more than ``max_lag_s`` after that is dropped unannounced and
@@ -286,6 +290,7 @@ class QkdApp(App):
         self._replayed = 0  # envelopes below the expected seq: duplicates or replays, dropped
         self._ahead = 0  # envelopes above the expected seq (one before them was lost), dropped
         self._retransmitted = 0
+        self._resend_backoff = 1  # retry intervals until the next retransmission check
         self._deadlines: dict[str, float] = {}  # named deadlines; the app's timer is the earliest
 
     # ------------------------------------------------------------------ inputs
@@ -445,8 +450,11 @@ class QkdApp(App):
             self._unacked.popleft()
         if not self._unacked:
             self._arm("resend", None)
+            self._resend_backoff = 1
             if self._alice:
                 self._maybe_end(now)
+            elif "drained" in self._deadlines:  # Bob was waiting for this to say `drained`
+                self._send_drained(now)
 
     def _send_ack(self) -> None:
         self._acked_sent = self.session.next_inbound_seq
@@ -495,8 +503,13 @@ class QkdApp(App):
             for _, body in list(self._unacked)[:_RESEND_BATCH]:
                 self._send_peer(self.p.peer, self.p.peer_app, {**body, "ack": self.session.next_inbound_seq})
                 self._retransmitted += 1
+            # Still no progress next time (a long cut): wait twice as long, up to 16 intervals,
+            # rather than piling copies into the node's outbox.
+            self._resend_backoff = min(self._resend_backoff * 2, 16)
+        else:
+            self._resend_backoff = 1
         self._peer_next_at_check = self._peer_next
-        self._arm("resend", now + self.p.retry_s)
+        self._arm("resend", now + self._resend_backoff * self.p.retry_s)
 
     # ------------------------------------------------------------------ the session
 

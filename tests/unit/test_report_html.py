@@ -355,8 +355,8 @@ faults:
                "qber_x": 0.033, "cascade_efficiency": 1.17, "single_photon_yield_lower": 0.04,
                "single_photon_error_upper": 0.05, "blocks_done": 8, "blocks_aborted": 2, "blocks_discarded": 0,
                "alarms": 2, "auth_rejects": 0, "sifted_bits": 123456}  # fmt: skip
-    series = [{"t_s": float(t), "final_key_bits": 4096 * t, "qber": 0.033 + (0.15 if 4 <= t < 6 else 0.0),
-               "qber_x": 0.033} for t in range(11)]  # fmt: skip
+    series = [{"t_s": float(t), "final_key_bits": 4096 * t, "qber_last_block": 0.033 + (0.15 if 4 <= t < 6 else 0.0),
+               "qber": 0.033 + (0.02 if t >= 4 else 0.0), "qber_x": 0.033} for t in range(11)]  # fmt: skip
     results = {
         "scenario": "bb84", "run_id": "bb84-1", "status": "passed", "passed": True, "exit_code": 0, "emulated_s": 10.5,
         "apps": {"keys": {"kind": "qkd", "nodes": ["alice", "bob"], "state": "done",
