@@ -15,7 +15,9 @@ Run: ``python bench/bench_qkd_e2e.py [--quick] [--length-km 10] [--duration-s 20
   processes on 127.0.0.1 over real TCP, at time_scale 1, so the hardware's clock is the
   wall clock. ``final_bits_per_wall_s`` = final key bits / wall seconds of emission (at
   time_scale 1 one emulated second is one wall second); ``detections_dropped_fraction``
-  shows how much the receiver had to shed to keep pace (nodes/apps/qkd.py); ``qber``
+  shows how much the receiver had to shed to keep pace (nodes/apps/qkd.py) and
+  ``pulses_lost_backlog_fraction`` how much the broker dropped while the receiver's node
+  was busy and did not read (docs/protocol.md §4.7); ``qber``
   and ``blocks_done`` are sanity checks that speed did not break the physics.
 
 Numbers depend on the machine: on 2 cores the broker and both nodes share them. The
@@ -127,6 +129,7 @@ def processes(workdir: Path, length_km: float, duration_s: float, rate_hz: float
         return record
     responder = outcome.results.stats.get("apps", {}).get("qkd", {}).get("responder", {}).get("results") or {}
     kept = responder.get("detections", 0)
+    pulses, lost = responder.get("pulses", 0), responder.get("pulses_lost_backlog", 0)
     dropped = responder.get("detections_dropped", 0)
     running_s = m.get("running_s") or 0.0
     record.update(
@@ -138,6 +141,8 @@ def processes(workdir: Path, length_km: float, duration_s: float, rate_hz: float
             "qber": m.get("qber"),
             "detections_kept": kept,
             "detections_dropped_fraction": round(dropped / (kept + dropped), 4) if kept + dropped else None,
+            # pulses whose detections the broker dropped while the receiver did not read (§4.7)
+            "pulses_lost_backlog_fraction": round(lost / (pulses + lost), 4) if pulses + lost else None,
             "pool_match": m.get("pool_match"),
             "error": outcome.results.error,
         }

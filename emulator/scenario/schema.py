@@ -236,6 +236,7 @@ for _spec in (
 _QKD_APP: Final = frozenset({"qkd"})
 for _name, _unit, _description in (
     ("final_key_bits", "bits", "Secret key bits that entered the key pool (both ends hold the same)."),
+    ("net_key_bits", "bits", "Of final_key_bits, those not taken back to authenticate the link's own messages."),
     ("secret_key_rate_bps", "bit/s", "Final key bits per emulated second of running."),
     ("qber", "", "QBER of the signal pulses in the key basis over the blocks estimated (the disclosed sample)."),
     ("qber_x", "", "QBER of the signal pulses in the test basis over the blocks estimated."),
