@@ -65,6 +65,20 @@ def test_a_link_run_fills_both_pools_with_the_same_key() -> None:
     assert a["auth_rejects"] == b["auth_rejects"] == 0
 
 
+def test_every_registered_qkd_metric_is_a_number_the_app_reports() -> None:
+    """Expectations name metrics from the scenario registry; the app must report each one
+    (a number, so that min/max can test it) under exactly that name."""
+    from emulator.scenario import METRICS
+
+    _, net = network()
+    a, _ = run(net, {"duration_s": 1.5})
+    names = {name for name, spec in METRICS.items() if "qkd" in spec.app_kinds}
+    assert names and names <= set(a)
+    for name in names:
+        assert isinstance(a[name], int | float) and not isinstance(a[name], bool), name
+    assert a["net_key_bits"] == a["final_key_bits"]  # one block at 25 km needs no refill yet
+
+
 def test_intercept_resend_raises_the_alarm_and_no_key_enters_the_pools() -> None:
     """Eve intercepts and resends every pulse from the start: QBER ~ 1/4 + e_d/2 ~ 26 %
     (Ma et al.'s model; tests/unit/test_optics.py checks f/4 exactly), far above the

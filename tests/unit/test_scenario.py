@@ -829,6 +829,7 @@ def test_qkd_metrics_are_registered_for_qkd_apps() -> None:
         "final_key_bits", "secret_key_rate_bps", "qber", "qber_x", "sifted_bits", "detections", "blocks_done",
         "blocks_aborted", "blocks_discarded", "alarms", "cascade_efficiency", "single_photon_yield_lower",
         "single_photon_error_upper", "key_rate_per_pulse", "auth_rejects", "detections_dropped",
+        "net_key_bits",
     }  # fmt: skip
     assert {name for name, spec in METRICS.items() if spec.app_kinds == {"qkd"}} == names
     assert all(METRICS[n].scope is MetricScope.APP and METRICS[n].description for n in names)
