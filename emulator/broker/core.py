@@ -98,7 +98,11 @@ Physics
   `max_qkd_detections_per_batch`, capped to fit a frame) and the transmitter one
   `qkd_emitted`; like every timer it also runs before any input that comes after it.
   `qkd_stop`, a withdrawn consent, a departing end and an admin `qkd_eve` first flush
-  the partial slice up to now, so a switch applies exactly from the next pulse.
+  the partial slice up to now, so a switch applies exactly from the next pulse. A
+  receiver with more than `max_qkd_backlog_bytes` unread loses whole events (counted).
+* Fibre cuts (admin `fibre_cut`): nothing crosses a cut fibre — a qubit sent over it
+  is lost, its heralded-entanglement requests pause (resumed at the splice, like memory
+  back-pressure) and its QKD layer delivers dark counts only.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ from emulator.wire import (
     QkdDetections,
     QkdEmitted,
     QkdEve,
+    FibreCut,
     QkdLinkInfo,
     QkdListen,
     QkdStart,
@@ -241,6 +246,8 @@ class BrokerStatistics:
     registry: Mapping[str, Any]
     qkd_links: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     # per QKD link (sorted endpoints): roles, state, OpticalLinkStatistics, Eve's switches (counts only)
+    fibres: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # links whose fibre was ever cut (sorted endpoints): {"cut": cut now, "cuts": times cut}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain msgpack-able dict (the `stats` message body); links as "a|b" keys."""
@@ -262,6 +269,7 @@ class BrokerStatistics:
             "epr_requests_open": self.epr_requests_open,
             "registry": dict(self.registry),
             "qkd": {f"{a}|{b}": dict(v) for (a, b), v in self.qkd_links.items()},
+            "fibres": {f"{a}|{b}": dict(v) for (a, b), v in self.fibres.items()},
         }
 
 
@@ -353,6 +361,8 @@ class _Link:
     model: HeraldingModel | None
     pairs_delivered: int = 0
     qkd: _Qkd | None = None
+    fibre_cut: bool = False  # admin `fibre_cut`: nothing crosses the fibre
+    fibre_cuts: int = 0
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -524,6 +534,7 @@ class BrokerCore:
             GetStats: self._on_get_stats,
             Shutdown: self._on_shutdown,
             QkdEve: self._on_qkd_eve,
+            FibreCut: self._on_fibre_cut,
         }
 
     # ================================================================== host interface
@@ -618,6 +629,8 @@ class BrokerCore:
             epr_requests_open=len(self._requests),
             registry=dataclasses.asdict(self.registry.statistics()),
             qkd_links={k: self._qkd_stats(link.qkd) for k, link in self._links.items() if link.qkd is not None},
+            fibres={k: {"cut": link.fibre_cut, "cuts": link.fibre_cuts} for k, link in self._links.items()
+                    if link.fibre_cuts},  # fmt: skip
         )
 
     # ------------------------------------------------------------------ introspection helpers
@@ -1126,7 +1139,8 @@ class BrokerCore:
         node.qubits.discard(q)
         # Fibre loss: each photon survives independently with the transmittance
         # (Ma et al., PRA 72, 012326 (2005), Sec. II), drawn now from the link's stream.
-        arrives = bool(link.qubit_rng.random() < link.transmittance)
+        # A cut fibre loses it (decided at sending: a qubit already in flight arrives).
+        arrives = bool(link.qubit_rng.random() < link.transmittance) and not link.fibre_cut
         self._qubits_sent += 1
         self._schedule(now + link.delay_s, _Kind.ARRIVAL, _Transfer(q, node.name, msg.peer, arrives))
         self._send(s, Ok(), env.id)
@@ -1206,6 +1220,10 @@ class BrokerCore:
         req = self._requests.get(rid)
         if req is None or req.generation != generation:
             return  # cancelled, ended or paused since this timer was armed
+        if req.link.fibre_cut:  # (the cut pauses requests at once; kept as a guard)
+            req.paused = True
+            req.generation += 1
+            return
         a, b = self._nodes[req.initiator], self._nodes[req.peer]
         if a.room < 1 or b.room < 1:
             req.paused = True
@@ -1228,6 +1246,8 @@ class BrokerCore:
 
     def _resume_paused(self, now: float) -> None:
         for req in self._requests.values():
+            if req.link.fibre_cut:
+                continue
             if req.paused and self._nodes[req.initiator].room > 0 and self._nodes[req.peer].room > 0:
                 req.paused = False
                 req.last_herald_s = max(req.last_herald_s, now)
@@ -1464,15 +1484,8 @@ class BrokerCore:
 
     def _on_qkd_eve(self, s: _Session, env: Envelope, now: float) -> None:
         msg: QkdEve = env.message  # type: ignore[assignment]
-        if len(msg.endpoints) != 2:
-            raise _fail(ErrorCode.BAD_FIELD, "field 'endpoints': two node names")
+        link = self._admin_link(msg.endpoints)
         a, b = msg.endpoints
-        for name in (a, b):
-            if name not in self._nodes:
-                raise _fail(ErrorCode.UNKNOWN_NODE, f"node {name[:64]!r} is not in the scenario")
-        link = self._links.get(self._key(a, b))
-        if link is None:
-            raise _fail(ErrorCode.NO_LINK, f"no link between {a!r} and {b!r}")
         q = link.qkd
         if q is None:
             raise _fail(ErrorCode.REFUSED, f"no QKD on the link between {a!r} and {b!r}")
@@ -1491,6 +1504,47 @@ class BrokerCore:
         q.optical.set_eavesdropper(eve)
         log.info("qkd %s -> %s: eavesdropper %s from pulse %d", q.transmitter, q.receiver, eve, q.optical.next_pulse)
         self._send(s, Ok(), env.id)
+
+    def _on_fibre_cut(self, s: _Session, env: Envelope, now: float) -> None:
+        """Cut or splice a link's fibre. Heralding attempts need the fibre, so a cut pauses
+        every request on the link (its pending herald is dropped) and a splice resumes
+        them from now — attempts are memoryless, so the waiting time to the next herald
+        after the splice has the same law as from any other instant. The QKD layer emits
+        up to now first, so the cut applies exactly from the next pulse."""
+        msg: FibreCut = env.message  # type: ignore[assignment]
+        link = self._admin_link(msg.endpoints)
+        cut = bool(msg.cut)
+        if link.fibre_cut != cut:
+            link.fibre_cut = cut
+            a, b = link.config.key
+            if cut:
+                link.fibre_cuts += 1
+                for req in self._requests.values():
+                    if req.link is link and not req.paused:
+                        req.paused = True
+                        req.generation += 1
+            q = link.qkd
+            if q is not None:
+                if q.running:
+                    self._qkd_emit(q, q.pulses_before(now), now)
+                q.optical.set_fibre_cut(cut)
+            log.warning("fibre %s|%s %s", a, b, "cut" if cut else "spliced")
+            if not cut:
+                self._resume_paused(now)
+        self._send(s, Ok(), env.id)
+
+    def _admin_link(self, endpoints: list[str]) -> _Link:
+        """The link an admin request names by its two ends (typed errors otherwise)."""
+        if len(endpoints) != 2:
+            raise _fail(ErrorCode.BAD_FIELD, "field 'endpoints': two node names")
+        a, b = endpoints
+        for name in (a, b):
+            if name not in self._nodes:
+                raise _fail(ErrorCode.UNKNOWN_NODE, f"node {name[:64]!r} is not in the scenario")
+        link = self._links.get(self._key(a, b)) if a != b else None
+        if link is None:
+            raise _fail(ErrorCode.NO_LINK, f"no link between {a!r} and {b!r}")
+        return link
 
     @staticmethod
     def _qkd_stats(q: _Qkd) -> dict[str, Any]:

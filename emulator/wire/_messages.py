@@ -557,6 +557,20 @@ class QkdEve(Message):
     pns_single_block: float = 0.0
 
 
+@register
+@_frozen
+class FibreCut(Message):
+    """Admin → broker: cut (`cut` true) or splice the fibre of the link between `endpoints`.
+
+    While cut, nothing crosses it: no heralded pair, no qubit, no QKD photon (dark counts
+    only). The classical channel is the nodes' (control `link_fault`). Reply: `ok`.
+    """
+
+    TYPE = "fibre_cut"
+    endpoints: list[str]
+    cut: bool = True
+
+
 # --------------------------------------------------------------------------- node ⇄ node
 
 

@@ -30,6 +30,7 @@ from emulator.physics import HeraldingScheme, propagation_delay_s, transmittance
 from emulator.state import QuantumRegistry
 from emulator.testing import BrokerRequestError, FakeClock, InMemoryBroker, InMemoryBrokerSession
 from emulator.wire import (
+    FibreCut,
     PROTOCOL_VERSION,
     AdminHello,
     Alloc,
@@ -883,3 +884,43 @@ def test_huge_batches_are_split_at_max_pairs_per_delivery() -> None:
     msgs = alice.messages()
     assert [len(m.pair_ids) for m in msgs if isinstance(m, EprDelivered)] == [7, 7, 6]
     assert isinstance(msgs[-1], EprDone) and msgs[-1].request == rid and msgs[-1].delivered == 20
+
+
+def test_a_fibre_cut_stops_heralds_and_qubits_until_the_splice() -> None:
+    """Admin `fibre_cut` (docs/protocol.md §4.5): while alice-bob's fibre is cut no pair
+    heralds on it and a qubit sent over it is lost; at the splice attempts restart from
+    the splice time. ENT heralds a pair every ~0.2 ms, so a 1 s cut without a herald in
+    it cannot be chance; requests on other links (bob-carol: qubits) are untouched."""
+    broker = make_broker(config(memory=MemoryConfig(qubits=100_000)))
+    alice, bob, carol = broker.connect("alice"), broker.connect("bob"), broker.connect("carol")
+    admin = broker.connect_admin()
+    listen(bob, "alice")
+    request_pairs(alice, "bob", 1_000_000)
+    broker.advance_to(0.1, batch=True)
+    assert admin.call(FibreCut(endpoints=["bob", "alice"], cut=True)).message == Ok()
+    before = [m for m in alice.messages() if isinstance(m, EprDelivered)]
+    assert before and max(float(t) for m in before for t in m.herald_s) <= 0.1
+    broker.advance_to(1.1, batch=True)
+    assert [m for m in alice.messages() if isinstance(m, EprDelivered)] == []  # nothing in the cut
+    (q,) = alloc(alice)
+    alice.call(SendQubit(qubit=q, peer="bob"), check=True)  # lost: the fibre is cut
+    (q2,) = alloc(bob)
+    bob.call(SendQubit(qubit=q2, peer="carol"), check=True)  # another fibre: transmittance 0.1
+    broker.advance_to(1.2, batch=True)
+    (lost,) = [m for m in alice.messages() if isinstance(m, QubitTransfer)]
+    assert lost.arrived is False
+    assert admin.call(FibreCut(endpoints=["alice", "bob"], cut=False)).message == Ok()
+    assert admin.call(FibreCut(endpoints=["alice", "bob"], cut=False)).message == Ok()  # harmless repeat
+    broker.advance_to(1.3, batch=True)
+    after = [m for m in alice.messages() if isinstance(m, EprDelivered)]
+    heralds = [float(t) for m in after for t in m.herald_s]
+    assert heralds and min(heralds) > 1.2  # restarted from the splice
+    stats = broker.core.statistics().as_dict()
+    assert stats["fibres"] == {"alice|bob": {"cut": False, "cuts": 1}}
+    # bad requests: typed errors, the session lives on
+    assert error_of(admin.call(FibreCut(endpoints=["alice"]))) == "bad_field"
+    assert error_of(admin.call(FibreCut(endpoints=["alice", "zed"]))) == "unknown_node"
+    assert error_of(admin.call(FibreCut(endpoints=["alice", "carol"]))) == "no_link"
+    assert error_of(admin.call(FibreCut(endpoints=["alice", "alice"]))) == "no_link"
+    assert error_of(carol.call(FibreCut(endpoints=["alice", "bob"]))) == "not_registered"
+    assert ping_ok(alice)

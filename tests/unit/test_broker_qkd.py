@@ -34,6 +34,7 @@ from emulator.broker.optics import Eavesdropper, OpticalLink, link_keys
 from emulator.kernels import ChoiceThresholds, get_backend
 from emulator.testing import InMemoryBroker, InMemoryBrokerSession
 from emulator.wire import (
+    FibreCut,
     Error,
     GetStats,
     LinkInfo,
@@ -516,3 +517,28 @@ def test_a_receiver_that_does_not_read_loses_whole_events_not_its_session() -> N
     assert sum(b.end_pulse - b.first_pulse for b in sent) + stats["backlog_dropped_pulses"] == round(0.5 * RATE_HZ)
     assert sum(len(b.pulse) for b in sent) + stats["backlog_dropped_detections"] == stats["detections"]
     assert not bob.closed and alice.messages(QkdEmitted)  # alice still learns what was emitted
+
+
+def test_a_cut_fibre_passes_dark_counts_only() -> None:
+    """With the fibre cut (admin `fibre_cut`) Bob's detections fall from the link's gain to
+    the dark-count probability Y0 = 1.7e-6 per pulse (Ma et al. 2005's model with eta = 0),
+    exactly from the next pulse; after the splice the gain is back."""
+    broker = InMemoryBroker(make_config())
+    alice, bob = start(broker)
+    admin = broker.connect_admin()
+    broker.advance_to(0.1)
+    assert admin.call(FibreCut(endpoints=["alice", "bob"])).message == Ok()
+    cut_at = round(0.1 * RATE_HZ)
+    broker.advance_to(0.6)
+    assert admin.call(FibreCut(endpoints=["alice", "bob"], cut=False)).message == Ok()
+    spliced_at = round(0.6 * RATE_HZ)
+    broker.advance_to(0.7)
+    got = collect(bob.messages(QkdDetections))
+    pulses = got["pulse"].astype(np.int64)
+    during = int(((pulses >= cut_at) & (pulses < spliced_at)).sum())
+    before = int((pulses < cut_at).sum())
+    after = int((pulses >= spliced_at).sum())
+    # 5e6 pulses at Y0: mean 8.5 dark counts; 30 is > 7 sigma above (Poisson).
+    assert during <= 30
+    # The 0.1 s before and after: ~RATE * 0.1 * Q (Q ~ 3e-3 at 20 km), thousands each.
+    assert before > 500 and after > 500 and abs(after - before) < 0.25 * before
