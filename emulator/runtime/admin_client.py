@@ -28,6 +28,7 @@ from emulator.wire import (
     AppStatus,
     AppStatusRequest,
     Error,
+    FibreCut,
     FrameDecoder,
     GetStats,
     LinkFault,
@@ -198,6 +199,14 @@ class AdminClient:
         message = QkdEve(endpoints=[str(e) for e in endpoints], intercept_fraction=float(intercept_fraction),
                          pns=bool(pns))  # fmt: skip
         await self.request(message, Ok)
+
+    async def fibre_cut(self, endpoints: Sequence[str], cut: bool) -> None:
+        """Broker: cut (`cut=True`) or splice the fibre of the link between `endpoints`
+        (docs/protocol.md §4.5, `fibre_cut`): while cut, no heralded pair, no qubit and no
+        QKD photon crosses it. The classical channel is the nodes' (`link_fault`). Raises
+        `AdminRequestError` (`bad_field`, `unknown_node`, `no_link`) like the other requests.
+        """
+        await self.request(FibreCut(endpoints=[str(e) for e in endpoints], cut=bool(cut)), Ok)
 
     async def shutdown(self) -> None:
         """Ask the server to exit; a connection closed instead of `ok` counts as success.

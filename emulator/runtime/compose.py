@@ -24,8 +24,9 @@ The deployment is the docker runtime's (`docker.py`), as services:
   node reaches its neighbour `bob` by that name on that link only;
 * `conductor` (`qnetem conductor`, see `conductor.py`), on `mgmt`: it waits for the
   broker and the nodes, drives the timeline, cuts links through the nodes' control
-  endpoints (so `link-cut` faults work), switches QKD eavesdroppers through the
-  broker's admin session (so the `qkd-*` faults work), checks expectations, writes results into the
+  endpoints (so `link-cut` faults work), switches QKD eavesdroppers and cuts fibres
+  through the broker's admin session (so the `qkd-*` faults work, and `fibre-cut`, which
+  does both), checks expectations, writes results into the
   bind-mounted `results/` and exits with the run's status. It runs as the user who
   generated the project (`user: uid:gid`), so the results on the host are theirs.
 
@@ -48,7 +49,7 @@ Compatibility rules the document keeps (docker-compose 1.29, the compose plugin 
 
 Node faults (crash, restart, freeze) need the container engine, which neither compose
 nor the conductor drives: such scenarios are refused here, as are external nodes. Link
-faults (`link-cut`, `qkd-intercept-resend`, `qkd-pns`) are accepted.
+faults (`link-cut`, `fibre-cut`, `qkd-intercept-resend`, `qkd-pns`) are accepted.
 
 `compose_document` is pure (unit-tested); `write_project`, `run_compose_up` and
 `compose_down` are the I/O shell (files, subprocess).
@@ -142,7 +143,7 @@ def _refusals(plan: RunPlan) -> list[str]:
         if fault.kind.target is FaultTarget.NODE:
             problems.append(
                 f"fault {fault.index} ({fault.describe()}): node faults need `qnetem run --runtime docker` or "
-                "the local runtime; a compose project supports link-cut and the qkd-* eavesdroppers only"
+                "the local runtime; a compose project supports link-cut, fibre-cut and the qkd-* eavesdroppers only"
             )
     return problems
 

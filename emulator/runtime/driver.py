@@ -17,7 +17,8 @@ Theory of operation
    start apps at their offsets over each node's control session, apply and revert
    faults (the deployment kills, stops, pauses or cuts; the local runtime and the
    conductor cut links through the nodes' control endpoints; the `qkd-*` eavesdroppers
-   are switched by the broker's admin session, `qkd_eve`, in every runtime), poll app
+   are switched by the broker's admin session, `qkd_eve`, in every runtime, and a
+   `fibre-cut` is a link cut plus the broker's `fibre_cut` on that link), poll app
    status every `poll_interval_s`, show live progress, stop when every app finished or
    `duration` elapsed;
 5. collect stats, evaluate expectations, write `results.json` (with `series` and
@@ -25,8 +26,9 @@ Theory of operation
 
 Every failure on the way (a process exits unexpectedly, a session breaks, a timeout)
 raises `RuntimeFailure`, which becomes exit 3 with one line naming the culprit and its
-log. Shutdown always runs, shielded: revert freezes, ask our nodes then the broker to
-shut down, then the deployment forces whatever is left and removes what it created.
+log. Shutdown always runs, shielded: revert freezes and cuts, ask our nodes then the
+broker to shut down, then the deployment forces whatever is left and removes what it
+created.
 
 A node taken down by a fault is not a failure: its apps that were pending or running
 are marked failed with the fault named, and when the fault restarts it, the driver
@@ -759,6 +761,9 @@ class RunDriver:
         elif kind is FaultKind.LINK_CUT:
             assert fault.link is not None
             await self._cut(fault.link, cut=step is FaultStep.APPLY)
+        elif kind is FaultKind.FIBRE_CUT:
+            assert fault.link is not None
+            await self._cut_fibre(fault.link, cut=step is FaultStep.APPLY, label=label)
         elif kind.eavesdrops:
             assert fault.link is not None
             await self._eavesdrop(fault, on=step is FaultStep.APPLY, label=label)
@@ -815,6 +820,33 @@ class RunDriver:
             except AdminError as exc:
                 raise await self._blame(exc, f"node {end}") from None
 
+    async def _cut_fibre(self, link: tuple[str, str], *, cut: bool, label: str) -> None:
+        """Cut a link's whole fibre (its classical channel and, in the broker, its quantum
+        channel) or splice it again.
+
+        Cut: the broker's `fibre_cut` first, then the classical cut (`_cut`, as `link-cut`
+        does); splice: the classical restore first, then `fibre_cut` with `cut` false: the
+        two halves are undone in the reverse order. The broker's half goes first because
+        it is the one a broker may refuse (`no_link`, `unknown_node`): a refusal then
+        leaves nothing half cut, and it is a runtime failure, since the scenario's fault
+        would silently not happen.
+        """
+        if cut:
+            await self._broker_fibre(link, cut=True, label=label)
+            await self._cut(link, cut=True)
+        else:
+            await self._cut(link, cut=False)
+            await self._broker_fibre(link, cut=False, label=label)
+
+    async def _broker_fibre(self, link: tuple[str, str], *, cut: bool, label: str) -> None:
+        assert self.broker is not None
+        try:
+            await self.broker.fibre_cut(link, cut)
+        except AdminRequestError as exc:
+            raise RuntimeFailure(f"{label}: the broker refused fibre_cut: {exc}") from None
+        except AdminError as exc:
+            raise await self._blame(exc, "broker") from None
+
     async def _eavesdrop(self, fault: FaultPlan, *, on: bool, label: str) -> None:
         """Switch the eavesdropper of a QKD link through the broker's admin session.
 
@@ -837,16 +869,25 @@ class RunDriver:
             raise await self._blame(exc, "broker") from None
 
     async def _revert_for_shutdown(self) -> None:
-        """Thaw frozen nodes and restore cut links so that everything can stop cleanly."""
+        """Thaw frozen nodes and restore cut links so that everything can stop cleanly.
+
+        A `fibre-cut` is also spliced in the broker (while its session is open): the fault
+        is reverted as a whole, as after its `for`. With control-endpoint cuts (local
+        runtime, conductor) its classical half goes with the stopping nodes, as a
+        `link-cut`'s does.
+        """
         for action in self.faults.pending_reverts():
             fault = action.fault
             try:
                 if fault.kind is FaultKind.NODE_FREEZE and fault.node in self.frozen:
                     await self.deployment.thaw_node(fault.node)
                     self.frozen.discard(fault.node)
-                elif fault.kind is FaultKind.LINK_CUT and self.deployment.cuts_links:
+                elif fault.kind.cuts_classical and self.deployment.cuts_links:
                     assert fault.link is not None
                     await self.deployment.restore_link(*fault.link)
+                if fault.kind.cuts_fibre and self.broker is not None and not self.broker.closed:
+                    assert fault.link is not None
+                    await self.broker.fibre_cut(fault.link, False)
             except (RuntimeFailure, AdminError) as exc:
                 self.emit(EventKind.FAULT_REVERTED, fault=fault.index, error=str(exc))
 

@@ -3,13 +3,15 @@
 Theory of operation
 -------------------
 A scenario's `faults` become `FaultPlan`s in the `RunPlan` (`plan_from_scenario`).
-Each fault is two *steps* on its target (a node or a classical link):
+Each fault is two *steps* on its target (a node, a link's classical channel, its fibre
+in the broker, or its eavesdropper):
 
     kind                  APPLY (at `at`)          REVERT (at `at + for`)
     node-crash            kill                     start again
     node-restart          graceful stop            start again (at `at` when there is no `for`)
     node-freeze           pause                    resume
     link-cut              cut                      restore
+    fibre-cut             cut (link, broker fibre) splice (broker fibre_cut), restore the link
     qkd-intercept-resend  Eve on (broker qkd_eve)  Eve off (qkd_eve with the defaults)
     qkd-pns               Eve on (broker qkd_eve)  Eve off
 
@@ -44,7 +46,7 @@ Guarantees:
   due faults still sees a node it is about to kill as down.
 * **Closing.** `close(now_s)` stops the schedule: later `due` calls return nothing,
   and it returns the REVERTs of the faults still in force whose kind must be undone
-  before shutdown (`FaultKind.undo_before_shutdown`: freezes and link cuts),
+  before shutdown (`FaultKind.undo_before_shutdown`: freezes, link and fibre cuts),
   stamped at `now_s`. Crashed or stopped nodes stay down; nothing restarts them.
 
 Comparisons are made as `origin_s + t_s <= now_s`, the same expression
@@ -89,7 +91,7 @@ class FaultAction:
     @property
     def verb(self) -> str:
         """`kill`, `stop`, `pause`, `cut`, `intercept`, `split` (APPLY) or `start`, `resume`,
-        `restore`, `withdraw` (REVERT)."""
+        `restore`, `splice`, `withdraw` (REVERT)."""
         kind = self.fault.kind
         return kind.apply_verb if self.step is FaultStep.APPLY else kind.revert_verb
 
@@ -164,7 +166,7 @@ class FaultSchedule:
         """End the schedule at `now_s`; return the reverts to perform before shutdown.
 
         Those are the REVERTs of the faults in force (as of the last `due`) whose kind
-        must be undone before shutdown (freezes, link cuts), stamped at `now_s`.
+        must be undone before shutdown (freezes, link and fibre cuts), stamped at `now_s`.
         Afterwards `due` returns nothing and those faults are no longer active. A
         second call returns nothing.
         """
@@ -217,8 +219,9 @@ class FaultSchedule:
         return {f.node for f in self.active(now_s) if f.kind is FaultKind.NODE_FREEZE and f.node is not None}
 
     def cut_links(self, now_s: float | None = None) -> set[tuple[str, str]]:
-        """Links cut and not yet restored, endpoints in scenario order (`now_s`: as in `active`)."""
-        return {f.link for f in self.active(now_s) if f.kind is FaultKind.LINK_CUT and f.link is not None}
+        """Links whose classical channel is cut (`link-cut`, `fibre-cut`) and not yet restored,
+        endpoints in scenario order (`now_s`: as in `active`)."""
+        return {f.link for f in self.active(now_s) if f.kind.cuts_classical and f.link is not None}
 
     # ------------------------------------------------------------------ internals
 

@@ -762,6 +762,9 @@ class Fault(_Model):
     in the broker's optics of a link with a `qkd` section; they may not overlap each
     other on one link (they set its eavesdropper as a whole) but may overlap a
     `link-cut` of that link (which cuts the classical channel, not the photons).
+    A `fibre-cut` cuts the classical channel as `link-cut` does and, in the broker,
+    the link's quantum channel (no pair, no qubit, no photon); it works on any link
+    and may not overlap a `link-cut` or another `fibre-cut` of that link.
     See [Fault kinds](#fault-kinds).
     """
 
@@ -771,13 +774,13 @@ class Fault(_Model):
     )
     node: Name | None = Field(
         None, validate_default=True,
-        description="The node, for `node-*` kinds (required there, not allowed for `link-cut` and `qkd-*`); "
+        description="The node, for `node-*` kinds (required there, not allowed for the link kinds); "
                     "not an external node.",
     )
     link: tuple[Name, Name] | None = Field(
         None, validate_default=True,
-        description="The endpoints of an existing link, either order, for `link-cut` and the `qkd-*` kinds "
-                    "(required there, not allowed otherwise).",
+        description="The endpoints of an existing link, either order, for `link-cut`, `fibre-cut` and the "
+                    "`qkd-*` kinds (required there, not allowed otherwise).",
     )
     for_s: PositiveDuration | None = Field(
         None, alias="for",
@@ -1218,9 +1221,10 @@ def _fault_issues(
     section is broken, node existence is not checked); `links` are the declared
     endpoint pairs in file order, `qkd_links` those with a `qkd` section.
 
-    Targets for the overlap rule: a node, a link's classical channel (`link-cut`),
-    a link's eavesdropper (the `qkd-*` kinds, which set it as a whole). A `link-cut`
-    and a `qkd-*` fault on one link act on different things and may overlap.
+    Targets for the overlap rule: a node, a link's classical channel (`link-cut` and
+    `fibre-cut`, which cuts it too), a link's eavesdropper (the `qkd-*` kinds, which
+    set it as a whole). A classical cut and a `qkd-*` fault on one link act on
+    different things and may overlap.
     """
     issues: list[FieldIssue] = []
     pairs = {frozenset(pair) for pair in links if pair[0] != pair[1]}

@@ -171,11 +171,12 @@ def test_node_faults_refused_with_one_line_each(tmp_path: Path) -> None:
         "  - {at: 2s, kind: link-cut, link: [alice, relay], for: 1s}\n"
         "  - {at: 3s, kind: node-freeze, node: relay, for: 1s}\n"
         "  - {at: 4s, kind: node-restart, node: alice}\n"
+        "  - {at: 6s, kind: fibre-cut, link: [relay, bob]}\n"  # a link fault: not refused
     )
     with pytest.raises(InvalidInput) as info:
         document_of(write(tmp_path, "faults.yaml", text))
     problems = info.value.problems
-    only = "a compose project supports link-cut and the qkd-* eavesdroppers only"
+    only = "a compose project supports link-cut, fibre-cut and the qkd-* eavesdroppers only"
     assert problems == [
         f"fault 1 (node-crash bob at 1 s for 1 s): node faults need `qnetem run --runtime docker` or the local "
         f"runtime; {only}",
@@ -190,6 +191,20 @@ def test_link_cut_allowed(tmp_path: Path) -> None:
     text = CHAIN + "faults:\n  - {at: 2s, kind: link-cut, link: [alice, relay], for: 1s}\n"
     document = document_of(write(tmp_path, "cut.yaml", text))
     assert "conductor" in document["services"]
+
+
+def test_fibre_cut_allowed(tmp_path: Path) -> None:
+    # The conductor cuts the classical link through the nodes' control endpoints (as for
+    # link-cut) and the fibre through the broker's admin session (as for qkd_eve).
+    text = CHAIN + (
+        "faults:\n"
+        "  - {at: 2s, kind: fibre-cut, link: [relay, alice], for: 1s}\n"
+        "  - {at: 3s, kind: link-cut, link: [alice, relay], for: 1s}\n"
+        "  - {at: 4s, kind: fibre-cut, link: [bob, relay]}\n"
+    )
+    document = document_of(write(tmp_path, "fibre.yaml", text))
+    assert "conductor" in document["services"]
+    assert document == document_of(write(tmp_path, "plain.yaml", CHAIN))  # the faults add or change no service
 
 
 def test_eavesdropper_faults_allowed(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Faults in the run plan (`FaultPlan`, `plan_from_scenario`), the sans-IO `FaultSchedule`,
-and the driver's eavesdropper steps (`RunDriver._fault` -> the broker's `qkd_eve`).
+and the driver's broker steps (`RunDriver._fault` -> the broker's `qkd_eve` and `fibre_cut`).
 
 Every schedule test drives the schedule with a fake `now` (plain floats, broker
 emulated seconds); nothing here reads a clock. The driver tests talk to an in-memory
@@ -27,13 +27,13 @@ from emulator.runtime.driver import ADMIN_TOKEN_ENV, TOKEN_ENV, PreparedRun, Run
 from emulator.runtime.faults import FaultAction, FaultSchedule, FaultStep
 from emulator.runtime.orchestrator import FaultKind, FaultPlan, PlanError, RunPlan, plan_from_scenario
 from emulator.scenario import load_scenario, parse_scenario
-from emulator.wire import Error, FrameDecoder, Ok, QkdEve, decode, encode_framed
+from emulator.wire import Error, FibreCut, FrameDecoder, LinkFault, Ok, QkdEve, decode, encode_framed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 APPLY, REVERT = FaultStep.APPLY, FaultStep.REVERT
 CRASH, RESTART, FREEZE, CUT = FaultKind.NODE_CRASH, FaultKind.NODE_RESTART, FaultKind.NODE_FREEZE, FaultKind.LINK_CUT
-IR, PNS = FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS
+IR, PNS, FIBRE = FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS, FaultKind.FIBRE_CUT
 ORIGIN = 100.0  # the broker's emulated time when every node had registered
 
 
@@ -60,6 +60,10 @@ def intercept(index: int, at_s: float, for_s: float | None = None, fraction: flo
 
 def pns(index: int, at_s: float, for_s: float | None = None, link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:
     return FaultPlan(index, PNS, at_s, for_s, link=link)
+
+
+def fibre(index: int, at_s: float, for_s: float | None = None, link: tuple[str, str] = ("alice", "bob")) -> FaultPlan:
+    return FaultPlan(index, FIBRE, at_s, for_s, link=link)
 
 
 def steps(actions: list[FaultAction]) -> list[tuple[int, str, float]]:
@@ -256,6 +260,41 @@ def test_plan_rejects_eavesdroppers_it_cannot_run(fault: dict[str, Any], fragmen
     assert fragment in str(info.value)
 
 
+def test_plan_carries_fibre_cuts_on_any_link() -> None:
+    text = SCENARIO_TEXT.split("faults:")[0].replace("    entanglement: {}\n", "    entanglement: {}\n    qkd: {}\n")
+    text += ("faults:\n  - {at: 1s, kind: fibre-cut, link: [bob, alice], for: 2s}\n"
+             "  - {at: 2s, kind: qkd-pns, link: [alice, bob], for: 2s}\n"  # may overlap the cut
+             "  - {at: 3s, kind: link-cut, link: [alice, bob]}\n"  # back to back with it
+             "  - {at: 4s, kind: fibre-cut, link: [carol, bob]}\n")  # no qkd, an external end
+    scenario = parse_scenario(text)
+    plan = plan_from_scenario(scenario)
+    assert plan.faults == (fibre(1, 1.0, 2.0), pns(2, 2.0, 2.0), cut(3, 3.0), fibre(4, 4.0, link=("bob", "carol")))
+    from emulator.scenario import scenario_to_dict
+
+    assert plan_from_scenario(scenario_to_dict(scenario)).faults == plan.faults
+    schedule = begun(*plan.faults)
+    assert [(a.fault.index, a.verb) for a in schedule.timeline()] == [
+        (1, "cut"), (2, "split"), (1, "splice"), (3, "cut"), (2, "withdraw"), (4, "cut")]
+    schedule.due(ORIGIN + 2.0)
+    assert schedule.cut_links() == {("alice", "bob")}  # a fibre cut cuts the classical channel too
+    schedule.due(ORIGIN + 5.0)
+    assert schedule.cut_links() == {("alice", "bob"), ("bob", "carol")}
+    # Both classical cuts are undone before shutdown; the fibre's verb is `splice`.
+    assert [(a.fault.index, a.verb) for a in schedule.close(ORIGIN + 6.0)] == [(3, "restore"), (4, "splice")]
+    assert fibre(1, 1.0, 2.0).describe() == "fibre-cut [alice, bob] at 1 s for 2 s"
+    assert "fraction" not in fibre(1, 1.0).to_dict() and fibre(1, 1.0).to_dict()["kind"] == "fibre-cut"
+
+
+def test_plan_rejects_fibre_cuts_it_cannot_run() -> None:
+    with pytest.raises(PlanError, match="fault 1: fibre-cut takes no fraction"):
+        plan_from_scenario({**QKD_SCENARIO, "faults": [
+            {"at": 1.0, "kind": "fibre-cut", "link": ["alice", "bob"], "fraction": 0.5}]})
+    with pytest.raises(PlanError, match="fault 1: no link between 'alice' and 'carol'"):
+        plan_from_scenario({**QKD_SCENARIO, "faults": [{"at": 1.0, "kind": "fibre-cut", "link": ["alice", "carol"]}]})
+    with pytest.raises(ValueError, match="fibre-cut needs exactly a link"):
+        FaultPlan(1, FIBRE, 1.0, None, node="bob")
+
+
 def test_plan_of_the_crash_restart_scenario() -> None:
     plan = plan_from_scenario(load_scenario(ROOT / "scenarios" / "crash-restart.yaml"))
     assert plan.faults == (FaultPlan(1, CRASH, 5.0, 1.0, node="bob"),)
@@ -430,11 +469,20 @@ def test_actions_serialise() -> None:
 
 
 class FakeBroker:
-    """The broker's admin session, in memory: answers `qkd_eve` with `ok` (or `error`), records each one."""
+    """The broker's admin session, in memory: answers `qkd_eve` and `fibre_cut` with `ok` (or `error`),
+    records each one. As `name` a node, it is that node's control endpoint (`link_fault`).
 
-    def __init__(self, refuse: str | None = None) -> None:
-        self.received: list[QkdEve] = []
+    `log`, when given, gets one tuple per request, so that a test can check the order of
+    requests to several peers (and to a fake deployment writing the same list).
+    """
+
+    def __init__(self, refuse: str | None = None, *, message: str = "no QKD on that link",
+                 log: list[tuple[Any, ...]] | None = None, name: str = "broker") -> None:  # fmt: skip
+        self.received: list[QkdEve | FibreCut | LinkFault] = []
         self.refuse = refuse
+        self.message = message
+        self.log = log
+        self.name = name
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         decoder = FrameDecoder()
@@ -442,13 +490,24 @@ class FakeBroker:
             decoder.feed(data)
             while (payload := decoder.next_frame()) is not None:
                 env = decode(payload)
-                assert isinstance(env.message, QkdEve), env.message  # the driver sends nothing else here
-                self.received.append(env.message)
-                reply = Ok() if self.refuse is None else Error(code=self.refuse, message="no QKD on that link")
+                message = env.message
+                wanted = LinkFault if self.name != "broker" else (QkdEve, FibreCut)
+                assert isinstance(message, wanted), message  # the driver sends nothing else here
+                self.received.append(message)
+                if self.log is not None:
+                    if isinstance(message, FibreCut):
+                        self.log.append(("fibre_cut", *message.endpoints, message.cut))
+                    elif isinstance(message, LinkFault):
+                        self.log.append(("link_fault", self.name, message.peer, message.cut))
+                    else:
+                        self.log.append(("qkd_eve", message.intercept_fraction, message.pns))
+                reply = Ok() if self.refuse is None else Error(code=self.refuse, message=self.message)
                 await stream.send_all(encode_framed(reply, re=env.id))
 
 
-def make_driver(tmp_path: Path, faults: tuple[FaultPlan, ...], cuts: list[tuple[str, str, bool]]) -> RunDriver:
+def make_driver(
+    tmp_path: Path, faults: tuple[FaultPlan, ...], cuts: list[Any], *, cuts_links: bool = True
+) -> RunDriver:
     plan = RunPlan(name="eve", seed=1, duration_s=10.0, time_scale=1.0, nodes=(), apps=(), expectations=(),
                    faults=faults, links=(("alice", "bob"),))  # fmt: skip
 
@@ -461,7 +520,7 @@ def make_driver(tmp_path: Path, faults: tuple[FaultPlan, ...], cuts: list[tuple[
     async def settle(timeout_s: float) -> None:
         pass
 
-    deployment = SimpleNamespace(cuts_links=True, cut_link=cut_link, restore_link=restore_link, settle=settle,
+    deployment = SimpleNamespace(cuts_links=cuts_links, cut_link=cut_link, restore_link=restore_link, settle=settle,
                                  check=lambda phase: None)  # fmt: skip
     driver = RunDriver(
         PreparedRun(None, plan, tmp_path, time.time()), RunOptions(tmp_path / "eve.yaml", quiet=True, live=False),
@@ -531,3 +590,116 @@ async def test_admin_client_qkd_eve_raises_like_the_other_requests() -> None:
     (sent,) = broker.received
     assert (list(sent.endpoints), sent.intercept_fraction, sent.pns) == (["bob", "carol"], 1.0, True)
     assert isinstance(sent.intercept_fraction, float)
+
+
+# --------------------------------------------------------------------------- the driver: fibre cuts
+
+
+async def test_driver_cuts_the_fibre_and_the_link_and_splices_both(tmp_path: Path) -> None:
+    # The docker runtime's path: the deployment cuts the classical link, the broker the fibre.
+    log: list[Any] = []
+    driver = make_driver(tmp_path, (fibre(1, 1.0, 2.0), pns(2, 2.0, 1.0), fibre(3, 5.0)), log)
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(FakeBroker(log=log).serve, right)
+        driver.broker = AdminClient(left, peer="broker", timeout_s=5)
+        for action in driver.faults.due(ORIGIN + 100.0):
+            await driver._fault(action)
+        del log[:]
+        await driver._revert_for_shutdown()  # fault 3 is still cut at the end
+        shutdown_log = list(log)
+        await driver.broker.aclose()
+    driver.events.close()
+    assert shutdown_log == [("alice", "bob", False), ("fibre_cut", "alice", "bob", False)]
+    assert [(r["fault"], r["action"]) for r in driver.fault_log] == [
+        (1, "cut"), (2, "split"), (1, "splice"), (2, "withdraw"), (3, "cut")]
+    events = [e for e in read_events(tmp_path / "events.jsonl") if e["event"].startswith("fault_")]
+    assert [(e["event"], e["fault"], e["kind"], e["action"]) for e in events] == [
+        ("fault_applied", 1, "fibre-cut", "cut"), ("fault_applied", 2, "qkd-pns", "split"),
+        ("fault_reverted", 1, "fibre-cut", "splice"), ("fault_reverted", 2, "qkd-pns", "withdraw"),
+        ("fault_applied", 3, "fibre-cut", "cut")]
+    assert events[0]["description"] == "fibre-cut [alice, bob] at 1 s for 2 s" and "fraction" not in events[0]
+    assert (events[2]["planned_at_s"], events[2]["link"]) == (3.0, ["alice", "bob"])
+
+
+async def test_driver_fibre_cut_order(tmp_path: Path) -> None:
+    # Cut: the broker's fibre first (the refusable half), then the link; splice: the reverse.
+    log: list[Any] = []
+    driver = make_driver(tmp_path, (fibre(1, 1.0, 2.0), pns(2, 2.0, 1.0)), log)
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(FakeBroker(log=log).serve, right)
+        driver.broker = AdminClient(left, peer="broker", timeout_s=5)
+        for action in driver.faults.due(ORIGIN + 100.0):
+            await driver._fault(action)
+        await driver.broker.aclose()
+    driver.events.close()
+    assert log == [
+        ("fibre_cut", "alice", "bob", True), ("alice", "bob", True),  # fault 1 cut
+        ("qkd_eve", 0.0, True),  # fault 2 on while the fibre is cut
+        ("alice", "bob", False), ("fibre_cut", "alice", "bob", False),  # fault 1 spliced
+        ("qkd_eve", 0.0, False),  # fault 2 off
+    ]
+
+
+async def test_driver_fibre_cut_through_the_nodes_control_endpoints(tmp_path: Path) -> None:
+    # The local runtime's and the conductor's path: `link_fault` to both ends, as link-cut does.
+    log: list[Any] = []
+    driver = make_driver(tmp_path, (fibre(1, 1.0, 2.0), fibre(2, 4.0, link=("bob", "alice"))), log, cuts_links=False)
+    async with trio.open_nursery() as nursery:
+        for name in ("broker", "alice", "bob"):
+            left, right = trio.testing.memory_stream_pair()
+            nursery.start_soon(FakeBroker(log=log, name=name).serve, right)
+            client = AdminClient(left, peer=name, timeout_s=5)
+            if name == "broker":
+                driver.broker = client
+            else:
+                driver.controls[name] = client
+        for action in driver.faults.due(ORIGIN + 100.0):
+            await driver._fault(action)
+        await driver._revert_for_shutdown()
+        for client in [driver.broker, *driver.controls.values()]:
+            assert client is not None
+            await client.aclose()
+    driver.events.close()
+    assert log == [
+        ("fibre_cut", "alice", "bob", True), ("link_fault", "alice", "bob", True), ("link_fault", "bob", "alice", True),
+        ("link_fault", "alice", "bob", False), ("link_fault", "bob", "alice", False),
+        ("fibre_cut", "alice", "bob", False),
+        ("fibre_cut", "bob", "alice", True), ("link_fault", "bob", "alice", True), ("link_fault", "alice", "bob", True),
+        # shutdown: the nodes are about to stop (their cut goes with them, as for link-cut); the broker splices
+        ("fibre_cut", "bob", "alice", False),
+    ]
+
+
+async def test_driver_fails_the_run_when_the_broker_refuses_a_fibre_cut(tmp_path: Path) -> None:
+    cuts: list[Any] = []
+    driver = make_driver(tmp_path, (fibre(1, 1.0),), cuts)
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(FakeBroker(refuse="no_link", message="no link between alice and bob").serve, right)
+        driver.broker = AdminClient(left, peer="broker", timeout_s=5)
+        (action,) = driver.faults.timeline()
+        with pytest.raises(RuntimeFailure) as info:
+            await driver._fault(action)
+        await driver.broker.aclose()
+    driver.events.close()
+    assert str(info.value) == (
+        "fault 1 (fibre-cut [alice, bob] at 1 s until the end): the broker refused fibre_cut: "
+        "no_link: no link between alice and bob")
+    assert cuts == []  # the broker's half goes first: nothing is left half cut
+    assert driver.fault_log == []
+
+
+async def test_admin_client_fibre_cut_raises_like_the_other_requests() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    broker = FakeBroker(refuse="unknown_node", message="unknown node dave")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.serve, right)
+        client = AdminClient(left, peer="broker", timeout_s=5)
+        with pytest.raises(AdminRequestError) as info:
+            await client.fibre_cut(("dave", "bob"), False)
+        await client.aclose()
+    assert info.value.code == "unknown_node"
+    (sent,) = broker.received
+    assert isinstance(sent, FibreCut) and (list(sent.endpoints), sent.cut) == (["dave", "bob"], False)

@@ -430,7 +430,8 @@ def test_file_limits(tmp_path: Path) -> None:
         ("name: mini", "name: mini\ntime_scale: 0", 2, "time_scale", "> 0"),
         ("name: mini", "name: mini\nsaes: []", 2, "saes", "unknown field 'saes'"),
         ("name: mini", "name: mini\nfaults: [{at: 1s, kind: fiber-cut, link: [alice, bob]}]", 2, "faults[0].kind",
-         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'qkd-intercept-resend' or 'qkd-pns'"),
+         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'fibre-cut', 'qkd-intercept-resend' or "
+         "'qkd-pns'"),
         ("name: mini", "name: mini\nfault: []", 2, "fault", "did you mean 'faults'?"),
         ("length_km: 10", "length_km: 10\n    qkd: {protocol: bb84-decoy}", 9, "links[0].qkd.protocol",
          "unknown field 'protocol'"),

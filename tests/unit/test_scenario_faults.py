@@ -1,7 +1,8 @@
 """The scenario's `faults` section: valid faults load, every mistake is a located problem.
 
 Covers the schema side of issue 3 part 4 (emulator/scenario/schema.py `Fault`,
-emulator/scenario/fault_kinds.py) and the shipped scenarios/crash-restart.yaml.
+emulator/scenario/fault_kinds.py), the QKD eavesdroppers and fibre cuts of issue 4, and
+the shipped scenarios/crash-restart.yaml.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def test_only_the_first_clash_of_a_fault_is_reported() -> None:
         ("{kind: node-crash, node: bob}", "{", "faults[0].at", "missing required field 'at'"),
         ("{at: 2s, node: bob}", "{", "faults[0].kind", "missing required field 'kind'"),
         ("{at: 2s, kind: fiber-cut, link: [alice, bob]}", "fiber-cut", "faults[0].kind",
-         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'qkd-intercept-resend' or 'qkd-pns'"),
+         "'node-crash', 'node-restart', 'node-freeze', 'link-cut', 'fibre-cut', 'qkd-intercept-resend' or "
+         "'qkd-pns'"),
         ("{at: 2s, kind: node-crash, node: bob, for: 0s}", "0s", "faults[0].for", "must be > 0"),
         ("{at: 2s, kind: node-crash, node: bob, for: -1s}", "-1s", "faults[0].for", ">= 0"),
         ("{at: 2s, kind: node-crash, node: bob, fro: 1s}", "fro", "faults[0].fro", "did you mean 'for'?"),
@@ -288,18 +290,21 @@ def test_fault_models_are_frozen() -> None:
 
 def test_kinds_table() -> None:
     assert [k.value for k in FaultKind] == [
-        "node-crash", "node-restart", "node-freeze", "link-cut", "qkd-intercept-resend", "qkd-pns"]
+        "node-crash", "node-restart", "node-freeze", "link-cut", "fibre-cut", "qkd-intercept-resend", "qkd-pns"]
     assert [k for k in FaultKind if k.target is FaultTarget.LINK] == [
-        FaultKind.LINK_CUT, FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS]
+        FaultKind.LINK_CUT, FaultKind.FIBRE_CUT, FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS]
     assert [k for k in FaultKind if not k.lasts_to_end_without_for] == [FaultKind.NODE_RESTART]
     assert {k for k in FaultKind if k.takes_node_down} == {FaultKind.NODE_CRASH, FaultKind.NODE_RESTART}
-    # an eavesdropper ends with the broker: nothing to undo before shutdown
-    assert {k for k in FaultKind if k.undo_before_shutdown} == {FaultKind.NODE_FREEZE, FaultKind.LINK_CUT}
+    # an eavesdropper ends with the broker: nothing to undo before shutdown; a cut classical channel is undone
+    assert {k for k in FaultKind if k.undo_before_shutdown} == {
+        FaultKind.NODE_FREEZE, FaultKind.LINK_CUT, FaultKind.FIBRE_CUT}
+    assert {k for k in FaultKind if k.cuts_classical} == {FaultKind.LINK_CUT, FaultKind.FIBRE_CUT}
+    assert {k for k in FaultKind if k.cuts_fibre} == {FaultKind.FIBRE_CUT}
     assert {k for k in FaultKind if k.eavesdrops} == {FaultKind.QKD_INTERCEPT_RESEND, FaultKind.QKD_PNS}
     assert [k for k in FaultKind if k.takes_fraction] == [FaultKind.QKD_INTERCEPT_RESEND]
     assert [(k.apply_verb, k.revert_verb) for k in FaultKind] == [
-        ("kill", "start"), ("stop", "start"), ("pause", "resume"), ("cut", "restore"), ("intercept", "withdraw"),
-        ("split", "withdraw")]
+        ("kill", "start"), ("stop", "start"), ("pause", "resume"), ("cut", "restore"), ("cut", "splice"),
+        ("intercept", "withdraw"), ("split", "withdraw")]
 
 
 def test_reference_documents_faults() -> None:
@@ -418,6 +423,85 @@ def test_eavesdropper_faults_need_qkd_in_dicts_and_direct_construction() -> None
         Scenario.model_validate(data)
 
 
+# --------------------------------------------------------------------------- fibre cuts
+
+
+def test_fibre_cuts_load_on_any_link() -> None:
+    s = parse_scenario(with_faults(
+        "{at: 2s, kind: fibre-cut, link: [bob, alice], for: 1.5s}",
+        "{at: 3s, kind: fibre-cut, link: [carol, bob]}",  # no qkd, no entanglement, an external end: any link
+    ))
+    short, forever = s.faults
+    assert (short.kind, short.link, short.at_s, short.for_s, short.fraction, short.end_s) == (
+        FaultKind.FIBRE_CUT, ("alice", "bob"), 2.0, 1.5, None, 3.5)
+    assert (forever.link, forever.end_s) == (("bob", "carol"), math.inf)
+    assert short.describe() == "fibre-cut [alice, bob] at 2 s for 1.5 s"
+    assert forever.describe() == "fibre-cut [bob, carol] at 3 s until the end"
+    data = scenario_to_dict(s)
+    assert data["faults"][0] == {"kind": "fibre-cut", "at": 2.0, "node": None, "link": ["alice", "bob"],
+                                 "for": 1.5, "fraction": None}  # fmt: skip
+    assert scenario_from_dict(json.loads(json.dumps(data))) == s == parse_scenario(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # a fibre cut holds the classical channel like a link cut: back to back is fine
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob], for: 1s}", "{at: 3s, kind: link-cut, link: [bob, alice]}"),
+        ("{at: 2s, kind: link-cut, link: [alice, bob], for: 1s}", "{at: 3s, kind: fibre-cut, link: [alice, bob]}"),
+        # an eavesdropper may be on while the fibre is cut (she just sees no photon)
+        ("{at: 2s, kind: qkd-pns, link: [alice, bob]}", "{at: 3s, kind: fibre-cut, link: [bob, alice], for: 1s}"),
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob], for: 5s}",
+         "{at: 3s, kind: qkd-intercept-resend, link: [alice, bob], fraction: 0.5}"),
+        # other links and the nodes at its ends are other targets
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob]}", "{at: 2s, kind: fibre-cut, link: [bob, carol]}"),
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob]}", "{at: 2s, kind: node-freeze, node: bob, for: 1s}"),
+    ],
+)
+def test_fibre_cuts_that_may_coexist(first: str, second: str) -> None:
+    assert len(parse_scenario(with_qkd_faults(first, second)).faults) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "fragment"),
+    [
+        ("{at: 2s, kind: link-cut, link: [alice, bob], for: 3s}", "{at: 4s, kind: fibre-cut, link: [bob, alice]}",
+         "fibre-cut [alice, bob] at 4 s until the end overlaps faults[0] (link-cut [alice, bob] at 2 s for 3 s) "
+         "on link [alice, bob]"),
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob]}", "{at: 9s, kind: link-cut, link: [alice, bob], for: 1s}",
+         "link-cut [alice, bob] at 9 s for 1 s overlaps faults[0] (fibre-cut [alice, bob] at 2 s until the end)"),
+        ("{at: 2s, kind: fibre-cut, link: [bob, carol], for: 3s}", "{at: 2s, kind: fibre-cut, link: [carol, bob]}",
+         "overlaps faults[0] (fibre-cut [bob, carol] at 2 s for 3 s) on link [bob, carol]"),
+    ],
+)
+def test_fibre_cuts_may_not_overlap_classical_cuts(first: str, second: str, fragment: str) -> None:
+    p = only_problem(with_qkd_faults(first, second))
+    assert (p.line, p.column, p.field) == (QKD_FIRST_FAULT_LINE + 1, 5, "faults[1]"), p
+    assert fragment in p.message and "must not overlap" in p.message, p.message
+
+
+@pytest.mark.parametrize(
+    ("fault", "anchor", "field", "fragment"),
+    [
+        ("{at: 2s, kind: fibre-cut, link: [alice, bob], fraction: 0.5}", "0.5", "faults[0].fraction",
+         "fibre-cut takes no `fraction` (only qkd-intercept-resend does): remove it"),
+        ("{at: 2s, kind: fibre-cut, link: [alice, carol]}", "[alice", "faults[0].link",
+         "no link between 'alice' and 'carol' (links: [alice, bob], [bob, carol])"),
+        ("{at: 2s, kind: fibre-cut, link: [alice, dave]}", "dave", "faults[0].link[1]", "unknown node 'dave'"),
+        ("{at: 2s, kind: fibre-cut, node: bob}", "{", "faults[0].link",
+         "missing required field 'link': fibre-cut acts on a link"),
+        ("{at: 20s, kind: fibre-cut, link: [alice, bob]}", "20s", "faults[0].at", "not before the end of the run"),
+    ],
+)
+def test_bad_fibre_cuts(fault: str, anchor: str, field: str, fragment: str) -> None:
+    problems = problems_of(with_faults(fault))
+    p = next(p for p in problems if p.field == field)
+    column = len("  - ") + fault.rindex(anchor) + 1
+    assert (p.line, p.column) == (FIRST_FAULT_LINE, column), p
+    assert fragment in p.message, p.message
+    assert len(problems) == (2 if "node: bob" in fault else 1), problems
+
+
 # --------------------------------------------------------------------------- the shipped scenario
 
 
@@ -485,7 +569,7 @@ def test_crash_restart_bounds_are_four_standard_errors_below_the_model() -> None
 _FAULT_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 30), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["2s", "0s", "-1s", "1h", "alice", "bob", "carol", "dave", "Bob", "node-crash", "node-restart",
-                     "node-freeze", "link-cut", "fiber-cut", "qkd-pns", "qkd-intercept-resend", "0.5"]),
+                     "node-freeze", "link-cut", "fiber-cut", "fibre-cut", "qkd-pns", "qkd-intercept-resend", "0.5"]),
     st.lists(st.sampled_from(["alice", "bob", "carol", "dave", 3]), max_size=3),
 )
 _FAULT = st.dictionaries(st.sampled_from(["at", "kind", "node", "link", "for", "fro", "fraction"]), _FAULT_VALUES,
