@@ -26,16 +26,34 @@ EVE = ROOT / "scenarios" / "bb84-eve.yaml"
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def eve_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("qkd") / "run"
+def run_scenario(path: Path, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`qnetem run` in a child process; (results.json, events) of a run that exited 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "emulator.cli", "run", str(EVE), "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "emulator.cli", "run", str(path), "--out", str(out), "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    return results, events
+
+
+def metro_with_fault(tmp_path: Path, duration: str, fault: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """scenarios/bb84-metro.yaml for `duration` with one fault, expecting only some key."""
+    data = yaml.safe_load((ROOT / "scenarios" / "bb84-metro.yaml").read_text())
+    data["name"] = f"bb84-{fault['kind']}"
+    data["apps"][0]["duration"] = duration
+    data["faults"] = [fault]
+    data["expect"] = [{"metric": "final_key_bits", "app": "metro", "min": 1}]
+    scenario = tmp_path / "variant.yaml"
+    scenario.write_text(yaml.safe_dump(data, sort_keys=False))
+    return run_scenario(scenario, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def eve_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("qkd") / "run"
+    results, events = run_scenario(EVE, out)
     return {"dir": out, "results": results, "events": events}
 
 
@@ -84,20 +102,8 @@ def test_a_link_cut_during_qkd_loses_nothing(tmp_path: Path) -> None:
     nodes close the TCP link; messages in flight are lost, later ones wait in the outbox).
     The unacknowledged envelopes are sent again after the restore, and both pools still
     end identical with key from blocks after the cut too."""
-    data = yaml.safe_load((ROOT / "scenarios" / "bb84-metro.yaml").read_text())
-    data["name"] = "bb84-cut"
-    data["apps"][0]["duration"] = "6s"
-    data["faults"] = [{"at": "2.5s", "kind": "link-cut", "link": ["alice", "bob"], "for": "1s"}]
-    data["expect"] = [{"metric": "final_key_bits", "app": "metro", "min": 1}]
-    scenario = tmp_path / "cut.yaml"
-    scenario.write_text(yaml.safe_dump(data, sort_keys=False))
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "emulator.cli", "run", str(scenario), "--out", str(out), "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((out / "results.json").read_text())
+    fault = {"at": "2.5s", "kind": "link-cut", "link": ["alice", "bob"], "for": "1s"}
+    results, events = metro_with_fault(tmp_path, "6s", fault)
     apps = results["stats"]["apps"]["metro"]
     alice, bob = apps["initiator"]["results"], apps["responder"]["results"]
     assert [s["kind"] for s in results["faults"]["steps"]] == ["link-cut", "link-cut"]
@@ -107,8 +113,7 @@ def test_a_link_cut_during_qkd_loses_nothing(tmp_path: Path) -> None:
     assert alice["auth_rejects"] == bob["auth_rejects"] == 0
     # a whole retry interval passed without acknowledgements: envelopes were sent again
     assert alice["retransmitted"] + bob["retransmitted"] > 0
-    blocks = [e for e in (json.loads(x) for x in (out / "events.jsonl").read_text().splitlines())
-              if e["event"] == "qkd_block"]  # fmt: skip
+    blocks = [e for e in events if e["event"] == "qkd_block"]
     assert any(b["outcome"] == "key" and b["at_s"] > 4.0 for b in blocks)  # key after the restore
 
 
@@ -120,20 +125,8 @@ def test_a_fibre_cut_stops_the_photons_and_the_link_recovers(tmp_path: Path) -> 
     scenarios/bb84-metro.yaml) for 6 of the 8 s and Y0 = 1.7e-6 for 2 s -> 0.75 of the
     uncut value (binomial noise on ~2e7 detections is negligible; 0.05 covers the few ms
     by which the cut and the splice miss their planned instants)."""
-    data = yaml.safe_load((ROOT / "scenarios" / "bb84-metro.yaml").read_text())
-    data["name"] = "bb84-fibre-cut"
-    data["apps"][0]["duration"] = "8s"
-    data["faults"] = [{"at": "3s", "kind": "fibre-cut", "link": ["alice", "bob"], "for": "2s"}]
-    data["expect"] = [{"metric": "final_key_bits", "app": "metro", "min": 1}]
-    scenario = tmp_path / "fibre.yaml"
-    scenario.write_text(yaml.safe_dump(data, sort_keys=False))
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "emulator.cli", "run", str(scenario), "--out", str(out), "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((out / "results.json").read_text())
+    fault = {"at": "3s", "kind": "fibre-cut", "link": ["alice", "bob"], "for": "2s"}
+    results, _ = metro_with_fault(tmp_path, "8s", fault)
     assert [s["kind"] for s in results["faults"]["steps"]] == ["fibre-cut", "fibre-cut"]
     broker = results["stats"]["broker"]
     assert broker["fibres"] == {"alice|bob": {"cut": False, "cuts": 1}}
