@@ -71,7 +71,10 @@ on the receiver), ``peer`` (a neighbour over a link with QKD), ``duration_s`` an
 ``key_bits`` (at least one, initiator), ``block_key_bits`` (10^4 .. 2^24, default 10^6),
 ``cascade`` (nodes.qkd.cascade.CascadeVariant value), ``epsilon_sec``, ``epsilon_cor``,
 ``qber_threshold``, ``sample_fraction``; rarely needed: ``peer_app``, ``max_lag_s``
-(default 2 emulated s), ``announce_interval_s`` (default 0.05), ``retry_s``,
+(default 2 emulated s), ``announce_interval_s`` (default 0.25: each announcement costs a
+128-bit authentication tag, and on a long link a block takes many seconds to fill, so
+few large announcements save key; short links fill a batch of 2^18 detections sooner
+anyway), ``retry_s``,
 ``max_start_attempts``, ``end_wait_s``, ``seed``.
 """
 
@@ -203,7 +206,7 @@ class QkdApp(App):
             sample_fraction=number_param(params, "sample_fraction", 0.05, 1e-6, 0.5) or 0.05,
             peer_app=peer_app,
             max_lag_s=number_param(params, "max_lag_s", 2.0, 0.0, 1e9) or 0.0,
-            announce_interval_s=number_param(params, "announce_interval_s", 0.05, 0.0, 1e3) or 0.0,
+            announce_interval_s=number_param(params, "announce_interval_s", 0.25, 0.0, 1e3) or 0.0,
             retry_s=retry_s,
             max_start_attempts=int_param(params, "max_start_attempts", 40, 1, 10_000) or 40,
             end_wait_s=number_param(params, "end_wait_s", 5.0 / ctx.time_scale, 0.0, 1e6) or 0.0,

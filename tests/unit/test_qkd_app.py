@@ -185,3 +185,41 @@ def test_messages_lost_or_duplicated_on_the_classical_link_are_recovered() -> No
     assert a["blocks_done"] >= 1 and a["final_key_bits"] == b["final_key_bits"] > 0
     assert a["pool_match"] is True and b["pool_match"] is True
     assert a["auth_rejects"] == b["auth_rejects"] == 0  # losses are not forgeries
+
+
+def test_no_key_bytes_in_results_reprs_or_messages() -> None:
+    """Secrets stay secret: no 8-byte run of the final key (nor of the pre-shared
+    authentication key) appears in either end's results, repr or status, nor in any
+    app_msg body sent on the link (the salted pool check included)."""
+    import json
+
+    _, net = network()
+    sent: list[bytes] = []
+    for direction in (("alice", "bob"), ("bob", "alice")):
+        channel = net.link("alice", "bob").channel(*direction)
+        original = channel.send
+
+        def spy(item, now, _original=original):  # type: ignore[no-untyped-def]
+            sent.append(bytes(item))
+            _original(item, now)
+
+        channel.send = spy  # type: ignore[method-assign]
+    a, b = run(net, {"duration_s": 1.5})
+    pool = net.key_pools["alice"].pool("bob")
+    key = np.packbits(pool._bits, bitorder="little").tobytes()  # noqa: SLF001 - test seam: the key itself
+    assert len(key) > 1000
+    auth = net.host("alice").app("qkd").info.auth_key  # type: ignore[union-attr]
+    outputs = [
+        json.dumps(a, default=str).encode(), json.dumps(b, default=str).encode(),
+        repr(net.host("alice").app("qkd")).encode(), repr(net.host("bob").app("qkd")).encode(),
+        repr(net.host("alice").status("qkd")).encode(), *sent,
+    ]  # fmt: skip
+    # Any copy of >= 15 secret bytes holds one of the secret's 8-byte-aligned words, so
+    # it suffices to look for those words at every offset of every output. Secrets are
+    # searched raw and as hex text.
+    for secret in (key, auth, key.hex().encode(), auth.hex().encode()):
+        words = np.frombuffer(secret[: len(secret) // 8 * 8], dtype="<u8")
+        for out in outputs:
+            for phase in range(8):
+                chunk = out[phase : phase + (len(out) - phase) // 8 * 8]
+                assert not np.isin(np.frombuffer(chunk, dtype="<u8"), words).any()
