@@ -300,7 +300,7 @@ class BrokerLimits:
     max_qkd_detections_per_batch: int = DEFAULT_MAX_DETECTIONS  # one qkd_detections (also capped by the frame)
     # A QKD receiver with more unread output than this loses whole qkd_detections events
     # (counted) instead of its session: a detector buffer overflowing, not a dead node.
-    max_qkd_backlog_bytes: int = 16 * 1024 * 1024
+    max_qkd_backlog_bytes: int = 48 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
