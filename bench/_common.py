@@ -12,7 +12,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,3 +55,22 @@ def per_call_s(fn: Callable[[], object], min_loop_s: float, loops: int = 5) -> f
             fn()
         best = min(best, time.perf_counter() - t0)
     return best / reps
+
+
+def run_scenario_data(data: Mapping[str, Any], workdir: Path, stem: str, **options: Any) -> tuple[Any, float]:
+    """Write `data` as `workdir/<stem>.yaml` and run it through `qnetem run`'s code path
+    (`emulator.runtime.run_scenario`, quiet, run directory `workdir/run-<stem>`); returns
+    the outcome and the wall seconds of the whole run. `options`: more RunOptions fields."""
+    import yaml
+    from rich.console import Console
+
+    from emulator.runtime import RunOptions, run_scenario
+
+    path = workdir / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(dict(data), sort_keys=False))
+    t0 = time.perf_counter()
+    outcome = run_scenario(
+        RunOptions(scenario_path=path, out_dir=workdir / f"run-{stem}", quiet=True, **options),
+        console=Console(quiet=True),
+    )
+    return outcome, time.perf_counter() - t0

@@ -25,22 +25,16 @@ them); compare backends within one run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import yaml  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from emulator.runtime import RunOptions, run_scenario  # noqa: E402
+from _common import emit, environment_record, run_scenario_data  # noqa: E402
 
 
 def scenario(pairs: int, time_scale: float) -> dict[str, Any]:
@@ -66,21 +60,8 @@ def scenario(pairs: int, time_scale: float) -> dict[str, Any]:
     }
 
 
-def emit(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
-
-
 def run_one(workdir: Path, backend: str, pairs: int, time_scale: float) -> dict[str, Any]:
-    path = workdir / f"bench-{backend}.yaml"
-    path.write_text(yaml.safe_dump(scenario(pairs, time_scale), sort_keys=False))
-    out = workdir / f"run-{backend}"
-    t0 = time.perf_counter()
-    outcome = run_scenario(
-        RunOptions(scenario_path=path, out_dir=out, backend=backend, quiet=True),
-        console=Console(quiet=True),
-    )
-    run_wall_s = time.perf_counter() - t0
+    outcome, run_wall_s = run_scenario_data(scenario(pairs, time_scale), workdir, f"bench-{backend}", backend=backend)
     record: dict[str, Any] = {
         "bench": "e2e_epr",
         "backend": backend,
@@ -121,14 +102,7 @@ def main() -> int:
     args = parser.parse_args()
     pairs = 2000 if args.quick else args.pairs
     backends = ["c"] if args.quick else [b for b in args.backends.split(",") if b]
-    emit(
-        {
-            "bench": "env",
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-    )
+    emit(environment_record())
     with tempfile.TemporaryDirectory(prefix="qnetem-bench-e2e-") as tmp:
         for backend in backends:
             emit(run_one(Path(tmp), backend, pairs, args.time_scale))

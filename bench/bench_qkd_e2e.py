@@ -40,13 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from _common import emit, environment_record  # noqa: E402
-from rich.console import Console  # noqa: E402
+from _common import emit, environment_record, run_scenario_data  # noqa: E402
 
 from emulator.broker.config import BrokerConfig, LinkConfig, MemoryConfig, qkd_config_from_mapping  # noqa: E402
 from emulator.physics import GYS_PARAMETERS, asymptotic_key_rate  # noqa: E402
-from emulator.runtime import RunOptions, run_scenario  # noqa: E402
 from emulator.testing import InMemoryBroker  # noqa: E402
 from nodes.testing import AppNetwork  # noqa: E402
 
@@ -113,11 +110,9 @@ def scenario(length_km: float, duration_s: float, rate_hz: float, block_bits: in
 
 
 def processes(workdir: Path, length_km: float, duration_s: float, rate_hz: float, block_bits: int) -> dict[str, Any]:
-    path = workdir / "bench-qkd.yaml"
-    path.write_text(yaml.safe_dump(scenario(length_km, duration_s, rate_hz, block_bits), sort_keys=False))
-    t0 = time.perf_counter()
-    outcome = run_scenario(RunOptions(scenario_path=path, out_dir=workdir / "run", quiet=True), console=Console(quiet=True))
-    run_wall_s = time.perf_counter() - t0
+    outcome, run_wall_s = run_scenario_data(
+        scenario(length_km, duration_s, rate_hz, block_bits), workdir, "bench-qkd"
+    )
     record: dict[str, Any] = {"exit_code": int(outcome.exit_code), "run_wall_s": round(run_wall_s, 3)}
     if outcome.results is None:
         record["error"] = outcome.message

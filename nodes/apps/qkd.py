@@ -84,6 +84,7 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import itertools
 import math
 import zlib
 from collections import deque
@@ -429,7 +430,6 @@ class QkdApp(App):
             else:
                 self._ahead += 1
             self._arm("ack", now)  # tell the peer where we are
-            self._after_session(now)
             return
         try:
             message = message_from_payload(raw)
@@ -465,8 +465,7 @@ class QkdApp(App):
 
     def _count_bad_envelope(self, reason: str, now: float) -> None:
         self.session.reject_unreadable(reason)
-        while (event := self.session.next_event()) is not None:
-            self._note(event, now)
+        self._after_session(now)
 
     def _on_timer(self, now: float) -> None:
         if self.state is not AppState.RUNNING:  # finished: nothing more to send or wait for
@@ -503,7 +502,7 @@ class QkdApp(App):
         if not self._unacked:
             return
         if self._peer_next == self._peer_next_at_check:
-            for _, body in list(self._unacked)[:_RESEND_BATCH]:
+            for _, body in itertools.islice(self._unacked, _RESEND_BATCH):
                 self._send_peer(self.p.peer, self.p.peer_app, {**body, "ack": self.session.next_inbound_seq})
                 self._retransmitted += 1
             # Still no progress next time (a long cut): wait twice as long, up to 16 intervals,
