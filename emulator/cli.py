@@ -5,6 +5,7 @@
     qnetem conductor --scenario F --broker H:P --out DIR   (the compose project's timeline driver)
     qnetem validate FILE
     qnetem report RUN_DIR     (re-render RUN_DIR/report.html from results.json)
+    qnetem certs RUN_DIR --sae SAE_ID [--out DIR]   (an SAE client certificate from the run's CA)
     qnetem image build [--offline] [--tag T] [--base-image IMG] [--mirror URL] [--rebuild-base] [--force]
     qnetem image status [--tag T]   (exit 1 when the image is missing or older than the sources)
     qnetem clean [--run RUN_ID] [--images]   (remove what qnetem created in Docker, by label)
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)render report.html of a run directory from its results.json")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds results.json)")
 
+    _add_certs_parser(sub)
     _add_image_parsers(sub)
 
     sub.add_parser(
@@ -226,6 +228,72 @@ def _cmd_report(run_dir: Path) -> int:
         _err(f"cannot render the report: {type(exc).__name__}: {exc}")
         return EXIT_RUNTIME
     sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
+def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`qnetem certs`: a client certificate for an application (SAE) of a run (issue 5: KMS)."""
+    certs = sub.add_parser(
+        "certs", help="issue an SAE client certificate from a run's CA (for the run's KMEs' ETSI 014 / SKIP APIs)",
+        epilog="exit status: 0 written, 2 no CA in RUN_DIR, bad SAE id or SAE unknown to the run, 3 cannot write",
+    )  # fmt: skip
+    certs.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds certs/ca.pem, ca.key)")
+    certs.add_argument("--sae", required=True, metavar="SAE_ID", help="the SAE id (the certificate's CommonName)")
+    certs.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="where to write SAE_ID.pem, SAE_ID.key, ca.pem (default: RUN_DIR/certs/saes)",
+    )  # fmt: skip
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    import json
+
+    from emulator.certs import CertError, RunCa, check_sae_id
+
+    run_dir: Path = args.run_dir
+    try:
+        sae = check_sae_id(args.sae)
+    except CertError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    kme: str | None = None  # the SAE's KME and its API URLs, when the run wrote kms.json
+    urls: dict[str, str] = {}
+    kms_file = run_dir / "kms.json"
+    if kms_file.is_file():
+        try:
+            kms = json.loads(kms_file.read_text())
+            saes, kmes = kms["saes"], kms["kmes"]
+            if not isinstance(saes, dict) or not isinstance(kmes, dict):
+                raise TypeError("saes and kmes are maps")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _err(f"{kms_file}: cannot read it: {exc}")
+            return EXIT_INVALID
+        if sae not in saes:
+            known = ", ".join(sorted(map(str, saes))) or "none"
+            _err(f"SAE {sae!r} is not in the run (its SAEs: {known})")
+            return EXIT_INVALID
+        kme = saes[sae]
+        apis = kmes.get(kme) if isinstance(kme, str) else None
+        if not isinstance(apis, dict):
+            _err(f"{kms_file}: SAE {sae!r} belongs to KME {kme!r}, which has no endpoints")
+            return EXIT_INVALID
+        urls = {str(api): str(url) for api, url in apis.items()}
+    try:
+        ca = RunCa.load(run_dir / "certs")
+    except CertError as exc:
+        _err(f"no usable run CA: {exc}")
+        return EXIT_INVALID
+    try:
+        files = ca.issue_sae(sae).write(args.out or run_dir / "certs" / "saes", sae)
+    except CertError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    except OSError as exc:
+        _err(f"cannot write the credential: {exc}")
+        return EXIT_RUNTIME
+    sys.stdout.write(f"certificate {files.cert}\nkey         {files.key}\nca          {files.ca}\n")
+    for api, url in urls.items():
+        sys.stdout.write(f"kme {kme} {api} {url}\n")
     return EXIT_OK
 
 
@@ -356,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compose(args)
         if args.command == "conductor":
             return _cmd_conductor(args)
+        if args.command == "certs":
+            return _cmd_certs(args)
         if args.command == "image":
             return _cmd_image(args)
         if args.command == "clean":

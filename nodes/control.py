@@ -14,6 +14,8 @@ State table:
     OPEN         app_status_request(name)   -> app_status | error unknown_app
     OPEN         get_stats                  -> stats
     OPEN         link_fault(peer, cut)      -> ok | error no_link (not a neighbour)
+    OPEN         kms_start(config)          -> KmsStartRequested; the node answers later
+                                               with reply(): kms_started | error bad_field
     OPEN         shutdown                   -> ok, ShutdownRequested         CLOSING
     OPEN         ping                       -> pong
     OPEN         bye                        ->                               CLOSED
@@ -45,6 +47,7 @@ from emulator.wire import (
     ErrorCode,
     FrameDecoder,
     GetStats,
+    KmsStart,
     LinkFault,
     Message,
     Ok,
@@ -63,6 +66,7 @@ __all__ = [
     "ControlEvent",
     "ControlSession",
     "ControlState",
+    "KmsStartRequested",
     "MalformedInput",
     "ShutdownRequested",
 ]
@@ -111,12 +115,20 @@ class ShutdownRequested:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class KmsStartRequested:
+    """`kms_start` arrived: the node starts its KME (async) and answers with `reply(re, ...)`."""
+
+    re: int
+    config: dict[str, Any] = dataclasses.field(repr=False)  # holds private keys
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class MalformedInput:
     code: ErrorCode
     detail: str
 
 
-ControlEvent = AuthFailed | ShutdownRequested | MalformedInput
+ControlEvent = AuthFailed | ShutdownRequested | MalformedInput | KmsStartRequested
 
 
 class ControlSession:
@@ -149,6 +161,11 @@ class ControlSession:
             if payload is None:
                 return
             self._handle(payload, now)
+
+    def reply(self, re: int, message: Message) -> None:
+        """Answer a request the node handles asynchronously (`KmsStartRequested`)."""
+        if self.state is ControlState.OPEN:
+            self._reply(message, re)
 
     # ------------------------------------------------------------------ outputs
 
@@ -222,6 +239,8 @@ class ControlSession:
             self._reply(self._backend.app_status(msg.name), re)
         elif isinstance(msg, GetStats):
             self._reply(Stats(now_s=now, stats=self._backend.stats(now)), re)
+        elif isinstance(msg, KmsStart):
+            self._events.append(KmsStartRequested(re, msg.config))
         elif isinstance(msg, LinkFault):
             self._backend.link_fault(msg.peer, msg.cut, now)
             self._reply(Ok(), re)

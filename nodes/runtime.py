@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import signal
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -59,6 +60,8 @@ from emulator.wire import (
     EprDone,
     Error,
     ErrorCode,
+    KmsMsg,
+    KmsStarted,
     LinkInfo,
     LocalProtocolError,
     Message,
@@ -74,9 +77,12 @@ from emulator.wire import (
     encode_datagram,
 )
 
-from .apps import APP_KINDS, AppContext, AppHost, HostBrokerRequest, HostPeerSend
-from .control import AuthFailed, ControlSession, ShutdownRequested
-from .qkd.keypool import KeyPools
+from .apps import APP_KINDS, AppContext, AppHost, HostAppIo, HostBrokerRequest, HostPeerSend
+from .apps.base import KmsCall, KmsReply, RoutedSend, UdpOpen, UdpOpened, UdpSend
+from .control import AuthFailed, ControlSession, KmsStartRequested, ShutdownRequested
+from .kms.pools import StorePools
+from .kms.service import KmsConfigError, KmsService
+from .kms.store import KEY_STORE_FILE, KeyStore
 from .qdevice import (
     BrokerClosed,
     EventReceived,
@@ -117,6 +123,7 @@ log = logging.getLogger("nodes.runtime")
 
 _RECEIVE_BYTES = 256 * 1024
 _MAX_OUTBOX = 10_000  # app messages held per peer while its link is down
+_APP_UDP_QUEUE = 1024  # datagrams an app may have waiting to be written (UDP: more are dropped)
 _SHUTDOWN_FLUSH_S = 1.0
 _DIAL_BACKOFF_MAX_S = 2.0
 _DIAL_TIMEOUT_S = 3.0  # wall seconds for one TCP connect attempt to a neighbour
@@ -218,7 +225,20 @@ class NodeRuntime:
         self.qdev = QDevice(options.name, options.token, capabilities=("epr", "apps"))
         self.liveness = Liveness(options.name, interval_s=options.probe_interval_s, miss_limit=options.probe_miss_limit)
         self.host: AppHost | None = None
-        self.key_pools = KeyPools()  # per-peer final keys of this node's QKD links
+        # The key store (DESIGN §8): SQLite under the data directory, so QKD key and
+        # delivered-key tombstones survive a crash; in memory without a data directory.
+        store_path: str | Path = ":memory:"
+        if options.data_dir is not None:
+            options.data_dir.mkdir(parents=True, exist_ok=True)
+            store_path = options.data_dir / KEY_STORE_FILE
+        self.key_store = KeyStore(store_path, options.name)
+        self.key_pools = StorePools(self.key_store, time.time)  # per-peer final keys of the QKD links
+        self.key_pools.on_added = self._on_material
+        self.kms: KmsService | None = None  # started by the orchestrator's kms_start
+        self._kms_dropped = 0  # kms_msg frames for no KME, or for a link that is not open
+        # app -> its UDP socket (UdpOpen) and the queue of datagrams its sender task writes
+        self._app_sockets: dict[str, tuple[trio.socket.SocketType, trio.MemorySendChannel[Any]]] = {}
+        self._app_udp_dropped = 0
         self.peers: dict[str, _Peer] = {}
         self.exit_code = 0
         self.failure: str | None = None  # one-line reason when exit_code != 0
@@ -275,6 +295,9 @@ class NodeRuntime:
         udp: unknown_source (datagrams naming no up neighbour, or from no neighbour's
           address if they name nobody), malformed, sent; links_rejected (refused link
           handshakes, not counting refusals of a cut neighbour); app_messages_unroutable;
+        kms: the KME's statistics (nodes/kms/service.py; None until kms_start): counters,
+          store counts by state, delivery records (key ids, SAEs, salted fingerprints);
+          kms_dropped (kms_msg frames with no KME or link to carry them);
         key_pools.<peer>: bits_added, bits_taken, bits_available, blocks (counts only).
         """
         scale = self.qdev.time_scale
@@ -336,6 +359,9 @@ class NodeRuntime:
                        "bits_available": st.bits_available, "blocks": st.blocks}
                 for peer, st in self.key_pools.statistics().items()
             },  # fmt: skip
+            "kms": self.kms.statistics() if self.kms is not None else None,
+            "kms_dropped": self._kms_dropped,
+            "app_udp_dropped": self._app_udp_dropped,
         }
 
     def link_fault(self, peer_name: str, cut: bool, now: float) -> None:
@@ -407,6 +433,10 @@ class NodeRuntime:
                     with trio.CancelScope(shield=True):
                         await listener.aclose()
                 self._udp.close()
+                for sock, _ in self._app_sockets.values():
+                    sock.close()
+                self.key_store.checkpoint()
+                self.key_store.close()
                 if self._broker_stream is not None:
                     with trio.CancelScope(shield=True):
                         await self._broker_stream.aclose()
@@ -473,7 +503,8 @@ class NodeRuntime:
                 time_scale=welcome.time_scale,
                 memory_qubits=welcome.memory_qubits,
                 links=link_map,
-                key_pools=self.key_pools,
+                key_pools=self.key_pools,  # type: ignore[arg-type]  # StorePools: the KeyPools interface
+                saes=self.kms.sae_ids if self.kms is not None else (),
             )
 
         self.host = AppHost(APP_KINDS, context)
@@ -509,6 +540,8 @@ class NodeRuntime:
                         host.handle_broker_reply(action.tag, Error.of(exc.code, exc.message), self._em_now())
                 elif isinstance(action, HostPeerSend):
                     self._send_peer(action.peer, action.message)
+                elif isinstance(action, HostAppIo):
+                    self._app_io(action)
             if not moved:
                 break
         self._broker_wake.wake()
@@ -709,7 +742,13 @@ class NodeRuntime:
                     self._send_peer(event.peer, message)
             elif isinstance(event, MessageReceived):
                 assert self.host is not None
-                self.host.handle_peer_message(event.peer, event.message, self._em_now())
+                if isinstance(event.message, KmsMsg):
+                    if self.kms is not None:
+                        self.kms.receive(event.peer, event.message.body)
+                    else:
+                        self._kms_dropped += 1
+                else:
+                    self.host.handle_peer_message(event.peer, event.message, self._em_now())
             elif isinstance(event, PeerRejected):
                 if event.code is ErrorCode.NO_LINK:  # a neighbour dialling a cut link: no intruder
                     log.info("refused a link from %s: the link is cut", event.claimed_node)
@@ -743,7 +782,7 @@ class NodeRuntime:
         for k, v in dataclasses.asdict(link.core.statistics()).items():
             peer.totals[k] = peer.totals.get(k, 0) + v
 
-    def _send_peer(self, peer_name: str, message: AppMsg) -> None:
+    def _send_peer(self, peer_name: str, message: AppMsg | KmsMsg) -> None:
         peer = self.peers.get(peer_name)
         if peer is None:
             return
@@ -752,14 +791,134 @@ class NodeRuntime:
             try:
                 link.core.send(message, self._wall())
             except LocalProtocolError as exc:
-                log.error("dropped an app_msg for %s (%s): %s", peer_name, message.app[:64], exc)
+                log.error("dropped a %s for %s: %s", message.TYPE, peer_name, exc)
                 return
             link.wake()
+            return
+        if isinstance(message, KmsMsg):  # the KME retries what matters; stale frames only confuse it
+            self._kms_dropped += 1
             return
         if len(peer.outbox) >= _MAX_OUTBOX:
             peer.outbox.popleft()
             peer.outbox_dropped += 1
         peer.outbox.append(message)
+
+    # ================================================================== key management and app I/O
+
+    async def _start_kms(self, config: Mapping[str, Any]) -> Message:
+        """`kms_start`: start the KME over the node's key store (once; again: same ports)."""
+        if self.kms is not None:
+            return KmsStarted(host=self.kms.host, etsi014_port=self.kms.etsi014_port, skip_port=self.kms.skip_port)
+        if self._nursery is None:
+            return Error.of(ErrorCode.NOT_REGISTERED, "the node is not running yet")
+        try:
+            service = KmsService(
+                config, self.key_store, send=lambda peer, body: self._send_peer(peer, KmsMsg(body=body)),
+                deliver_app=self._deliver_routed, data_dir=self.options.data_dir,
+            )  # fmt: skip
+        except KmsConfigError as exc:
+            return Error.of(ErrorCode.BAD_FIELD, str(exc))
+        host, etsi_port, skip_port = await self._nursery.start(service.run)
+        self.kms = service
+        for peer in self.peers:
+            if self.liveness.state(peer) is LivenessState.UP:
+                service.link_up(peer)
+        for peer in self.key_store.link_peers():
+            service.material_added(peer)
+        return KmsStarted(host=host, etsi014_port=etsi_port, skip_port=skip_port)
+
+    def _on_material(self, peer: str) -> None:
+        if self.kms is not None:
+            self.kms.material_added(peer)
+
+    def _deliver_routed(self, src_node: str, app: str, body: dict[str, Any]) -> None:
+        if self.host is not None:
+            self.host.handle_routed_message(src_node, AppMsg(app=app, body=body), self._em_now())
+            self._pump()
+
+    def _app_io(self, io: HostAppIo) -> None:
+        action = io.action
+        host = self.host
+        assert host is not None
+        if isinstance(action, RoutedSend):
+            if self.kms is None:
+                log.warning("app %s: no KME runs here to route a message to %s", io.app[:64], action.node)
+                return
+            self.kms.send_app(action.node, action.app, action.body)
+        elif isinstance(action, KmsCall):
+            if self.kms is None:
+                host.handle_app_reply(io.app, action.tag, KmsReply(0, {"message": "no KME runs on this node"}),
+                                      self._em_now())
+                return
+            assert self._nursery is not None
+            self._nursery.start_soon(self._kms_call, io.app, action)
+        elif isinstance(action, UdpOpen):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._udp_open, io.app, action)
+        elif isinstance(action, UdpSend):
+            app_sock = self._app_sockets.get(io.app)
+            try:
+                if app_sock is None:
+                    raise trio.ClosedResourceError
+                app_sock[1].send_nowait((action.data, action.addr))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                self._app_udp_dropped += 1  # UDP semantics: a full queue drops
+
+    async def _kms_call(self, app: str, call: KmsCall) -> None:
+        assert self.kms is not None and self.host is not None
+        reply = await self.kms.sae_call(call)
+        self.host.handle_app_reply(app, call.tag, reply, self._em_now())
+        self._pump()
+
+    async def _udp_open(self, app: str, action: UdpOpen) -> None:
+        assert self.host is not None
+        sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in self.options.host else trio.socket.AF_INET,
+                                  trio.socket.SOCK_DGRAM)
+        try:
+            await sock.bind((self.options.host, 0))
+        except OSError as exc:
+            sock.close()
+            self.host.handle_app_reply(app, action.tag, Error.of(ErrorCode.INTERNAL, f"UDP bind: {exc.strerror}"),
+                                       self._em_now())
+            self._pump()
+            return
+        old = self._app_sockets.pop(app, None)
+        if old is not None:
+            old[0].close()
+            old[1].close()
+        outbox, queue = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](_APP_UDP_QUEUE)
+        self._app_sockets[app] = (sock, outbox)
+        host, port = sock.getsockname()[:2]
+        self.host.handle_app_reply(app, action.tag, UdpOpened(str(self.udp_address[0] or host), int(port)),
+                                   self._em_now())
+        self._pump()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._app_udp_reader, app, sock)
+        self._nursery.start_soon(self._app_udp_sender, sock, queue)
+
+    async def _app_udp_sender(self, sock: trio.socket.SocketType,
+                              queue: trio.MemoryReceiveChannel[tuple[bytes, tuple[str, int]]]) -> None:
+        async with queue:
+            async for data, addr in queue:
+                try:
+                    await sock.sendto(data, addr)
+                except OSError:
+                    self._app_udp_dropped += 1  # e.g. ICMP unreachable: the receiver is gone
+                    if sock.fileno() < 0:
+                        return
+
+    async def _app_udp_reader(self, app: str, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, addr = await sock.recvfrom(65536)
+            except OSError:
+                if sock.fileno() < 0:
+                    return
+                continue
+            if self.host is None:
+                continue
+            self.host.handle_datagram(app, (str(addr[0]), int(addr[1])), data, self._em_now())
+            self._pump()
 
     # ================================================================== broker I/O
 
@@ -839,8 +998,12 @@ class NodeRuntime:
         while (event := self.liveness.next_event()) is not None:
             if isinstance(event, LinkUp):
                 log.info("link to %s is up (probes answered)", event.peer)
+                if self.kms is not None:
+                    self.kms.link_up(event.peer)
             elif isinstance(event, LinkDown):
                 log.warning("link to %s is down (%d probes unanswered)", event.peer, self.liveness.miss_limit)
+                if self.kms is not None:
+                    self.kms.link_down(event.peer)
 
     async def _udp_reader(self) -> None:
         assert self._udp is not None
@@ -888,7 +1051,9 @@ class NodeRuntime:
                 session.receive_data(data, self._em_now())
                 shutdown = False
                 while (event := session.next_event()) is not None:
-                    if isinstance(event, AuthFailed):
+                    if isinstance(event, KmsStartRequested):
+                        session.reply(event.re, await self._start_kms(event.config))
+                    elif isinstance(event, AuthFailed):
                         self._control_unauthorized += 1
                         log.warning("control: authentication failed (client %r)", (event.client or "?")[:64])
                     elif isinstance(event, ShutdownRequested):

@@ -47,6 +47,8 @@ class EventKind(enum.StrEnum):
     FAULT_REVERTED = "fault_reverted"  # ... and was undone (node restarted/thawed, link restored)
     QKD_BLOCK = "qkd_block"  # a qkd app finished a block: key, aborted or discarded (counts only)
     QKD_ALARM = "qkd_alarm"  # ... and estimation raised the eavesdropper alarm on it
+    KMS_STARTED = "kms_started"  # a node's KME runs; where its ETSI 014 / SKIP servers listen
+    KMS_ALARM = "kms_alarm"  # a KME fell back to PQC-only keys (`on_empty: pqc`) or saw a forged relay
     EXPECTATION = "expectation"
     RUN_FINISHED = "run_finished"
 

@@ -77,7 +77,7 @@ class ExpectationSpec:
     """One `expect:` entry of a scenario: `min <= metric(app) <= max` (either bound optional)."""
 
     metric: str
-    app: str
+    app: str | None  # None: a metric of the run's key management (scope `kms`)
     min: float | None = None
     max: float | None = None
 
@@ -96,7 +96,7 @@ class ExpectationSpec:
 
     @property
     def target(self) -> str:
-        return f"app {self.app}"
+        return "the key management" if self.app is None else f"app {self.app}"
 
 
 @_frozen
@@ -132,7 +132,7 @@ class ExpectationResult:
 
     index: int
     metric: str
-    app: str
+    app: str | None
     min: float | None
     max: float | None
     observed: float | None
@@ -141,7 +141,7 @@ class ExpectationResult:
 
     @property
     def target(self) -> str:
-        return f"app {self.app}"
+        return "the key management" if self.app is None else f"app {self.app}"
 
     @property
     def bound(self) -> str:
@@ -185,42 +185,51 @@ def _why_missing(metric: str, outcome: AppOutcome | None, app: str) -> str:
 
 
 def evaluate_expectation(
-    spec: ExpectationSpec, apps: Mapping[str, AppOutcome], *, index: int = 0
+    spec: ExpectationSpec, apps: Mapping[str, AppOutcome], *, index: int = 0,
+    kms: Mapping[str, Any] | None = None,
 ) -> ExpectationResult:
-    """Check one expectation against the apps' final metrics.
+    """Check one expectation against the apps' final metrics (or, for `app` None, the
+    run's key-management metrics `kms`; None when they could not be collected).
 
     A missing, non-numeric or non-finite metric fails with a message saying why.
     Bounds are inclusive.
     """
-    outcome = apps.get(spec.app)
-    raw = outcome.metrics.get(spec.metric) if outcome is not None else None
+    of = f"{spec.metric} of app {spec.app}" if spec.app is not None else f"{spec.metric} of the key management"
+    if spec.app is None:
+        outcome = None
+        raw = kms.get(spec.metric) if kms is not None else None
+    else:
+        outcome = apps.get(spec.app)
+        raw = outcome.metrics.get(spec.metric) if outcome is not None else None
 
     def result(observed: float | None, passed: bool, message: str) -> ExpectationResult:
         return ExpectationResult(index, spec.metric, spec.app, spec.min, spec.max, observed, passed, message)
 
     if raw is None:
+        if spec.app is None:
+            return result(None, False, f"{of}: missing (the KMEs' statistics could not be collected)")
         return result(None, False, _why_missing(spec.metric, outcome, spec.app))
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        return result(None, False, f"{spec.metric} of app {spec.app}: not a number ({type(raw).__name__})")
+        return result(None, False, f"{of}: not a number ({type(raw).__name__})")
     observed = float(raw)
     if not math.isfinite(observed):
-        return result(None, False, f"{spec.metric} of app {spec.app}: not a finite number ({observed})")
+        return result(None, False, f"{of}: not a finite number ({observed})")
     low_ok = spec.min is None or observed >= spec.min
     high_ok = spec.max is None or observed <= spec.max
     shown = _fmt(observed)
     if low_ok and high_ok:
-        return result(observed, True, f"{spec.metric} of app {spec.app} = {shown}, within {spec.bound}")
+        return result(observed, True, f"{of} = {shown}, within {spec.bound}")
     if not low_ok:
         why = f"below the minimum {_fmt(spec.min)}"
     else:
         why = f"above the maximum {_fmt(spec.max)}"
-    return result(observed, False, f"{spec.metric} of app {spec.app} = {shown}, {why}")
+    return result(observed, False, f"{of} = {shown}, {why}")
 
 
 def evaluate_expectations(
-    specs: Sequence[ExpectationSpec], apps: Mapping[str, AppOutcome]
+    specs: Sequence[ExpectationSpec], apps: Mapping[str, AppOutcome], kms: Mapping[str, Any] | None = None
 ) -> tuple[ExpectationResult, ...]:
-    return tuple(evaluate_expectation(s, apps, index=i) for i, s in enumerate(specs))
+    return tuple(evaluate_expectation(s, apps, index=i, kms=kms) for i, s in enumerate(specs))
 
 
 @_frozen

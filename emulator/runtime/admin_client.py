@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import trio
 
 from emulator.wire import (
+    KmsStart,
+    KmsStarted,
     SUPPORTED_VERSIONS,
     AdminHello,
     AdminWelcome,
@@ -187,6 +189,10 @@ class AdminClient:
         Raises `AdminRequestError` with code `no_link` if `peer` is not a neighbour.
         """
         await self.request(LinkFault(peer=peer, cut=cut), Ok)
+
+    async def kms_start(self, config: dict[str, Any]) -> KmsStarted:
+        """Node control endpoint: start the node's KME (`config` is secret: PEM keys)."""
+        return await self.request(KmsStart(config=config), KmsStarted)
 
     async def qkd_eve(self, endpoints: Sequence[str], *, intercept_fraction: float = 0.0, pns: bool = False) -> None:
         """Broker: set the eavesdropper of the QKD link between `endpoints` (docs/protocol.md §4.7).

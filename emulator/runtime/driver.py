@@ -70,6 +70,7 @@ from emulator.report.series import SeriesRecorder
 
 from .admin_client import AdminClient, AdminError, AdminRequestError
 from .faults import FaultAction, FaultSchedule, FaultStep
+from .kms import KmsSetup, kms_metrics
 from .orchestrator import (
     AppPlan,
     EmulatedClock,
@@ -361,6 +362,7 @@ class RunDriver:
         self.error: str | None = None
         self.interrupted: int | None = None
         self.stats: dict[str, Any] = {"broker": None, "nodes": {}}
+        self.kms: KmsSetup | None = None
         self.end_now_s: float | None = None
         self.finish_reason: str | None = None
         self.phase = "while starting"  # for messages about a process that died
@@ -461,6 +463,7 @@ class RunDriver:
         await self._wait_registered()
         self.phase = "during the run"
         await self._connect_controls()
+        await self._start_kms()
         origin = self.now()
         assert origin is not None
         self.timeline.begin(origin)
@@ -583,6 +586,29 @@ class RunDriver:
         for name in self.plan.node_names:
             await self._connect_control(name)
 
+    async def _start_kms(self) -> None:
+        """Issue the run's certificates and start every KME (DESIGN §8); write RUN/kms.json."""
+        if self.plan.kms is None:
+            return
+        self.progress.set_phase("starting the key management")
+        self.kms = KmsSetup(self.plan.kms, self.plan.name, self.run_dir)
+        for node in self.plan.kms.kme_nodes:
+            await self._start_kme(node)
+        self.kms.write_manifest()
+
+    async def _start_kme(self, node: str) -> None:
+        assert self.kms is not None
+        client = self.controls.get(node)
+        if client is None:  # an external node without a control session: it runs no KME here
+            return
+        try:
+            started = await client.kms_start(self.kms.config_for(node))
+        except AdminError as exc:
+            raise await self._blame(exc, f"node {node}") from None
+        self.kms.started(node, started.host, started.etsi014_port, started.skip_port)
+        self.emit(EventKind.KMS_STARTED, node=node, host=started.host, etsi014_port=started.etsi014_port,
+                  skip_port=started.skip_port)
+
     # ------------------------------------------------------------------ the timeline
 
     async def _drive(self) -> None:
@@ -623,6 +649,9 @@ class RunDriver:
             if name in self.restarting:
                 del self.restarting[name]
                 await self._connect_control(name)
+                if self.kms is not None and name in self.plan.kms.kme_nodes:  # type: ignore[union-attr]
+                    await self._start_kme(name)  # over the store it left behind
+                    self.kms.write_manifest()
         wall = time.monotonic()
         late = [n for n, deadline in self.restarting.items() if wall > deadline]
         if late:
@@ -946,7 +975,8 @@ class RunDriver:
         else:
             note = "the run ended early, before the app finished (runtime failure)"
         outcomes: dict[str, AppOutcome] = self.timeline.outcomes(unfinished_note=note)
-        expectations = evaluate_expectations(self.plan.expectations, outcomes)
+        kms = kms_metrics(self.stats["nodes"]) if self.plan.kms is not None else None
+        expectations = evaluate_expectations(self.plan.expectations, outcomes, kms or None)
         if self.interrupted is not None:
             status, code = RunStatus.INTERRUPTED, ExitCode.INTERRUPTED
             self.error = self.error or f"interrupted by {signal.Signals(self.interrupted).name}"
@@ -985,6 +1015,8 @@ class RunDriver:
         document["finish_reason"] = self.finish_reason
         document["runtime"] = self.options.runtime
         document["series"] = self.series.to_dict()
+        if kms is not None:
+            document["kms"] = {"metrics": kms, **(self.kms.manifest() if self.kms is not None else {})}
         document["faults"] = {
             "planned": [f.to_dict() for f in self.plan.faults],
             "steps": self.fault_log,

@@ -31,6 +31,14 @@ counted in (`AppPlan.progress_metric`):
   leaves them out); the first node is the link's QKD transmitter, the initiator.
   Progress in final key bits (`final_key_bits`, rate `secret_key_rate_bps`), requested
   `key_bits`, or, with only a `duration`, the app's running time against it.
+* `tunnel`: `{saes: [sender SAE, receiver SAE], duration_s, rate_pps, payload_bytes,
+  rekey_interval_s, key_size_bits}`. The *receiver* (the scenario's second node) is the
+  initiator here, so the app's metrics are what arrived intact; progress in bytes
+  carried (`bytes_carried`), against the sender's `duration`.
+
+`RunPlan.kms` (`KmsPlan`) is the scenario's key management, None without a `kms`
+section: the KME nodes (every endpoint of a QKD link), the SAEs and the per-pair
+policies the driver sends to each KME in `kms_start`.
 
 All times here are emulated seconds; nothing reads a clock.
 """
@@ -92,6 +100,13 @@ class PlanError(ValueError):
 SUPPORTED_APP_KINDS: Mapping[str, tuple[str, ...]] = {
     "epr-test": ("responder", "initiator"),
     "qkd": ("responder", "initiator"),
+    "tunnel": ("responder", "initiator"),
+}
+
+_PROGRESS: Mapping[str, tuple[str, str, str]] = {  # kind -> (progress metric, rate metric, unit)
+    "epr-test": ("pairs_measured", "pair_rate_hz", "pairs"),
+    "qkd": ("final_key_bits", "secret_key_rate_bps", "bits"),
+    "tunnel": ("bytes_carried", "bytes_per_s", "bytes"),
 }
 
 
@@ -149,17 +164,17 @@ class AppPlan:
     @property
     def progress_metric(self) -> str:
         """The initiator's result that counts the app's progress."""
-        return "final_key_bits" if self.kind == "qkd" else "pairs_measured"
+        return _PROGRESS[self.kind][0]
 
     @property
     def rate_metric(self) -> str:
         """The initiator's result that gives the app's rate per emulated second."""
-        return "secret_key_rate_bps" if self.kind == "qkd" else "pair_rate_hz"
+        return _PROGRESS[self.kind][1]
 
     @property
     def unit(self) -> str:
-        """What `progress_metric` counts (`pairs`, `bits`)."""
-        return "bits" if self.kind == "qkd" else "pairs"
+        """What `progress_metric` counts (`pairs`, `bits`, `bytes`)."""
+        return _PROGRESS[self.kind][2]
 
     @property
     def requested_amount(self) -> int | None:
@@ -170,8 +185,8 @@ class AppPlan:
 
     @property
     def running_limit_s(self) -> float | None:
-        """qkd: emulated seconds the app runs at most (its `duration`), else None."""
-        value = self.settings.get("duration_s") if self.kind == "qkd" else None
+        """qkd, tunnel: emulated seconds the app runs at most (its `duration`), else None."""
+        value = self.settings.get("duration_s") if self.kind in ("qkd", "tunnel") else None
         return None if value is None else float(value)
 
     def requested(self) -> dict[str, Any]:
@@ -179,6 +194,8 @@ class AppPlan:
         if self.kind == "qkd":
             return {"key_bits": self.settings.get("key_bits"), "duration_s": self.settings.get("duration_s"),
                     "start_s": self.start_s}  # fmt: skip
+        if self.kind == "tunnel":
+            return {"duration_s": self.settings.get("duration_s"), "start_s": self.start_s}
         return {"pairs": self.pairs, "wait_s": self.wait_s, "start_s": self.start_s}
 
     def start_requests(self) -> tuple[AppStartRequest, ...]:
@@ -288,6 +305,7 @@ class RunPlan:
     expectations: tuple[ExpectationSpec, ...]
     faults: tuple[FaultPlan, ...] = ()
     links: tuple[tuple[str, str], ...] = ()  # each classical link's two endpoints, scenario order
+    kms: KmsPlan | None = None
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -340,6 +358,9 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
                 raise PlanError(f"apps[{index}] ({name}): unknown node {node!r}")
         if kind == "qkd":
             settings = _qkd_settings(spec, index, name, app_nodes, _get(scenario, "links") or ())
+        elif kind == "tunnel":
+            settings = _tunnel_settings(spec)
+            app_nodes.reverse()  # the receiver initiates: its results are the app's metrics
         else:
             settings = {"pairs": int(_get(spec, "pairs")), "wait_s": float(_first(spec, ("wait_s", "wait"), 0.0))}
         apps.append(
@@ -363,12 +384,16 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
         expectations.append(
             ExpectationSpec(
                 metric=str(_get(spec, "metric")),
-                app=str(_get(spec, "app")),
+                app=None if _get(spec, "app") is None else str(_get(spec, "app")),
                 min=_opt_float(_get(spec, "min")),
                 max=_opt_float(_get(spec, "max")),
             )
         )
     faults = _plan_faults(scenario, {n.name: n for n in nodes})
+    links = tuple(
+        (str(a), str(b)) for a, b in (_get(link, "endpoints") for link in (_get(scenario, "links") or ()))
+    )
+    kms = _plan_kms(_get(scenario, "kms"), _get(scenario, "links") or ())
     return RunPlan(
         name=str(_get(scenario, "name")),
         seed=int(_get(scenario, "seed", 0) or 0),
@@ -378,9 +403,90 @@ def plan_from_scenario(scenario: Any) -> RunPlan:
         apps=tuple(apps),
         expectations=tuple(expectations),
         faults=faults,
-        links=tuple(
-            (str(a), str(b)) for a, b in (_get(link, "endpoints") for link in (_get(scenario, "links") or ()))
-        ),
+        links=links,
+        kms=kms,
+    )
+
+
+def _tunnel_settings(spec: Any) -> dict[str, Any]:
+    return {
+        "saes": [str(x) for x in _get(spec, "saes")],
+        "duration_s": float(_first(spec, ("duration_s", "duration"))),
+        "rate_pps": float(_first(spec, ("rate_pps", "rate"), 50.0)),
+        "payload_bytes": int(_first(spec, ("payload_bytes", "payload"), 512)),
+        "rekey_interval_s": float(_first(spec, ("rekey_interval_s", "rekey_interval"), 2.0)),
+        "key_size_bits": int(_first(spec, ("key_size_bits", "key_size"), 256)),
+    }
+
+
+@_frozen
+class KmsPlan:
+    """The scenario's key management: what every KME gets in `kms_start` (less credentials)."""
+
+    kme_nodes: tuple[str, ...]  # every endpoint of a QKD link, scenario order
+    kms_links: tuple[tuple[str, str], ...]  # the QKD links
+    saes: Mapping[str, str]  # SAE id -> node
+    policies: tuple[Mapping[str, Any], ...]  # {saes: [a, b], policy, on_empty, wait_s}
+    default_policy: str = "qkd"
+    default_on_empty: str = "fail"
+    key_size_bits: int = 256
+    stock_keys: int = 32
+    max_keys_per_request: int = 128
+    relay_timeout_s: float = 2.0
+    host: str = "127.0.0.1"
+
+    def config(self) -> dict[str, Any]:
+        """The run-wide part of `kms_start.config` (msgpack-able)."""
+        return {
+            "saes": dict(self.saes),
+            "kms_links": [list(pair) for pair in self.kms_links],
+            "policies": [dict(p) for p in self.policies],
+            "default_policy": self.default_policy,
+            "default_on_empty": self.default_on_empty,
+            "key_size_bits": self.key_size_bits,
+            "stock_keys": self.stock_keys,
+            "max_keys_per_request": self.max_keys_per_request,
+            "relay_timeout_s": self.relay_timeout_s,
+            "host": self.host,
+        }
+
+
+def _plan_kms(spec: Any, links: Iterable[Any]) -> KmsPlan | None:
+    if spec is None:
+        return None
+    kms_links: list[tuple[str, str]] = []
+    kme_nodes: list[str] = []
+    for link in links:
+        if _get(link, "qkd") is None:
+            continue
+        a, b = (str(x) for x in _get(link, "endpoints"))
+        kms_links.append((a, b))
+        kme_nodes += [n for n in (a, b) if n not in kme_nodes]
+    saes = {str(_get(s, "id")): str(_get(s, "node")) for s in _get(spec, "saes") or ()}
+    for sae, node in saes.items():
+        if node not in kme_nodes:
+            raise PlanError(f"kms: SAE {sae!r} is on {node!r}, which has no QKD link (no KME)")
+    policies = tuple(
+        {
+            "saes": [str(x) for x in _get(p, "saes")],
+            "policy": str(_get(p, "policy", "qkd")),
+            "on_empty": str(_get(p, "on_empty", "fail")),
+            "wait_s": float(_first(p, ("wait_s", "wait"), 5.0)),
+        }
+        for p in _get(spec, "policies") or ()
+    )
+    return KmsPlan(
+        kme_nodes=tuple(kme_nodes),
+        kms_links=tuple(kms_links),
+        saes=saes,
+        policies=policies,
+        default_policy=str(_get(spec, "default_policy", "qkd")),
+        default_on_empty=str(_get(spec, "default_on_empty", "fail")),
+        key_size_bits=int(_first(spec, ("key_size_bits", "key_size"), 256)),
+        stock_keys=int(_get(spec, "stock_keys", 32)),
+        max_keys_per_request=int(_get(spec, "max_keys_per_request", 128)),
+        relay_timeout_s=float(_first(spec, ("relay_timeout_s", "relay_timeout"), 2.0)),
+        host=str(_get(spec, "host", "127.0.0.1")),
     )
 
 

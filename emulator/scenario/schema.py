@@ -189,6 +189,8 @@ class MetricScope(enum.StrEnum):
     """What an expectation on a metric must name as its target."""
 
     APP = "app"
+    #: The run's key management as a whole (`kms:`): an expectation names no app.
+    KMS = "kms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +262,32 @@ for _name, _unit, _description in (
     ("detections_dropped", "detections", "Detections the receiver could not announce (its queue was full)."),
 ):
     register_metric(MetricSpec(_name, MetricScope.APP, _unit, _description, _QKD_APP))
+
+
+# What a `tunnel` app reports (nodes/apps/tunnel.py).
+_TUNNEL_APP: Final = frozenset({"tunnel"})
+for _name, _unit, _description in (
+    ("bytes_carried", "bytes", "Payload bytes carried (sender: sent; receiver: received, authentic and intact)."),
+    ("rekeys", "keys", "Keys the tunnel switched to after the first."),
+    ("key_fetch_failures", "requests", "ETSI 014 requests that did not return keys (503, timeouts)."),
+    ("auth_failures", "datagrams", "Datagrams that failed AES-GCM authentication at the receiver."),
+    ("content_errors", "datagrams", "Authentic datagrams whose payload was not what the sender sent."),
+):
+    register_metric(MetricSpec(_name, MetricScope.APP, _unit, _description, _TUNNEL_APP))
+
+# The run's key management (`kms:`), from every KME's statistics at the end of the run.
+for _name, _unit, _description in (
+    ("keys_delivered", "keys", "Keys delivered to master SAEs (enc_keys and SKIP /key) over the run."),
+    ("keys_matched", "keys", "Delivered keys whose bytes both ends compared equal (salted hashes)."),
+    ("key_mismatches", "keys", "Delivered keys whose two copies differ: must be 0."),
+    ("duplicate_deliveries", "keys", "Keys handed to the same SAE more than once: must be 0."),
+    ("keys_relayed", "keys", "Keys relayed through trusted nodes and confirmed end to end."),
+    ("relay_failures", "keys", "Relays not confirmed in time (dropped, relayed again)."),
+    ("reroutes", "changes", "Route changes of KMEs towards other KMEs (after link failures or repairs)."),
+    ("pqc_fallbacks", "keys", "Keys delivered PQC-only because the QKD pool was empty (`on_empty: pqc`)."),
+    ("kms_errors", "requests", "ETSI 014 / SKIP requests answered with an error status."),
+):
+    register_metric(MetricSpec(_name, MetricScope.KMS, _unit, _description))
 
 
 def _check_metric(value: Any) -> str:
@@ -553,6 +581,8 @@ class Topology:
     entangling: frozenset[frozenset[str]]
     #: Links that carry a `qkd` section -> their transmitter (None: not known, the section is broken).
     qkd: Mapping[frozenset[str], str | None] = field(default_factory=dict, hash=False)
+    #: SAE id -> the node whose KME serves it (`kms.saes`); None: no valid `kms` section.
+    saes: Mapping[str, str] | None = field(default=None, hash=False)
 
     def linked(self, a: str, b: str) -> bool:
         return frozenset((a, b)) in self.links
@@ -709,14 +739,171 @@ class QkdApp(AppBase):
                                    "link's `qkd.transmitter`")
 
 
+class TunnelApp(AppBase):
+    """An encrypted UDP tunnel between two SAEs, keyed over ETSI GS QKD 014 (the demo application of DESIGN §8).
+
+    The sender (first node) gets keys from its KME with `enc_keys` as the master SAE,
+    derives AES-256-GCM keys from them (HKDF-SHA-256) and sends `rate` datagrams per
+    second of `payload` bytes over UDP straight to the receiver, which fetches each new
+    key with `dec_keys` by the key ID carried in the datagrams. The sender rekeys every
+    `rekey_interval`. Both SAEs must be in `kms.saes`, on these nodes. The nodes need
+    no direct link: the receiver's address reaches the sender through the KMEs.
+    """
+
+    kind: Literal["tunnel"] = Field(description="`tunnel`.")
+    nodes: tuple[Name, Name] = Field(description="[sender, receiver].")
+    saes: tuple[Name, Name] = Field(description="[sender SAE (master), receiver SAE (slave)], from `kms.saes`.")
+    duration_s: PositiveDuration = Field(alias="duration", description="Emulated time the sender sends traffic.")
+    rate_pps: PositiveFloat = Field(50.0, alias="rate", le=10_000, description="Datagrams per emulated second.")
+    payload_bytes: Count = Field(512, alias="payload", ge=16, le=60_000, description="Payload bytes per datagram.")
+    rekey_interval_s: PositiveDuration = Field(
+        2.0, alias="rekey_interval", description="Emulated time between rekeys (a new key from the KME)."
+    )
+    key_size_bits: Count = Field(256, alias="key_size", ge=256, le=8192, description="Key size asked of the KME, bits.")
+
+    def topology_issues(self, topo: Topology) -> Iterator[tuple[Loc, str]]:
+        for j, node in enumerate(self.nodes):
+            if node not in topo.nodes:
+                yield ("nodes", j), f"unknown node {node!r} (declared nodes: {_listing(topo.nodes)})"
+        if self.nodes[0] == self.nodes[1]:
+            yield ("nodes", 1), f"tunnel needs two different nodes, got {self.nodes[0]!r} twice"
+        if topo.saes is None:
+            yield ("saes",), "tunnel needs a `kms` section that lists its SAEs"
+            return
+        for j, (sae, node) in enumerate(zip(self.saes, self.nodes, strict=True)):
+            where = topo.saes.get(sae)
+            if where is None:
+                yield ("saes", j), f"unknown SAE {sae!r} (kms.saes: {_listing(frozenset(topo.saes))})"
+            elif where != node:
+                yield ("saes", j), f"SAE {sae!r} is served by {where!r}, not by {node!r}"
+
+
 #: App kind -> schema class.  Order fixes the order in the reference.
-_APP_CLASSES: Final[tuple[type[AppBase], ...]] = (EprTest, QkdApp)
+_APP_CLASSES: Final[tuple[type[AppBase], ...]] = (EprTest, QkdApp, TunnelApp)
 APP_KINDS: Final[Mapping[str, type[AppBase]]] = types.MappingProxyType(
     {typing.get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _APP_CLASSES}
 )
 
 #: Any app, selected by its `kind`.
 App = Annotated[Union[_APP_CLASSES], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+class KeyPolicyKind(enum.StrEnum):
+    """How the keys of an SAE pair are made (DESIGN §8)."""
+
+    QKD = "qkd"  # the QKD key itself (relayed through trusted nodes where needed)
+    PQC = "pqc"  # ML-KEM-768 + X25519 shared secrets only, through the KDF
+    HYBRID = "hybrid"  # QKD key + ML-KEM-768 + X25519 secrets through a concatenation KDF (ETSI TS 103 744 style)
+
+
+class EmptyPoolAction(enum.StrEnum):
+    """What a KME does with a `qkd`/`hybrid` request when it holds no QKD key for the pair."""
+
+    WAIT = "wait"  # wait up to `wait` for key, then 503
+    FAIL = "fail"  # 503 at once
+    PQC = "pqc"  # deliver a PQC-only key and raise an alarm
+
+
+class Sae(_Model):
+    """A secure application entity: an application that gets keys from a node's KME."""
+
+    id: Name = Field(description="SAE ID (the CommonName of its client certificate).")
+    node: Name = Field(description="The node whose KME serves this SAE.")
+
+
+class KeyPolicy(_Model):
+    """The key policy of one pair of SAEs (either may be the master)."""
+
+    saes: tuple[Name, Name] = Field(description="The two SAE IDs.")
+    policy: KeyPolicyKind = Field(KeyPolicyKind.QKD, description="`qkd`, `pqc` or `hybrid`.")
+    on_empty: EmptyPoolAction = Field(
+        EmptyPoolAction.FAIL,
+        description="When no QKD key is there for a `qkd` or `hybrid` request: `wait` (up to `wait`, then 503), "
+                    "`fail` (503 at once) or `pqc` (a PQC-only key and a `kms_alarm` event).",
+    )
+    wait_s: Duration = Field(5.0, alias="wait", description="How long `on_empty: wait` waits (emulated).")
+
+
+class Kms(_Model):
+    """Key management: a KME on every node of a QKD link, serving SAEs over ETSI GS QKD 014 and Cisco SKIP.
+
+    Every node with a QKD link runs a key management entity (KME) with a SQLite key
+    store fed by its QKD links. KMEs relay keys hop by hop (one-time pad) through
+    trusted nodes to KMEs they share no link with, along routes that follow link
+    failures. SAEs reach their node's KME over HTTPS with mutual TLS; certificates come
+    from a CA made for the run (`qnetem certs RUN_DIR --sae ID` exports one for an
+    outside application).
+    """
+
+    saes: tuple[Sae, ...] = Field(min_length=1, max_length=1024, description="The SAEs and their nodes.")
+    policies: tuple[KeyPolicy, ...] = Field((), max_length=4096, description="Per SAE pair policies.")
+    default_policy: KeyPolicyKind = Field(KeyPolicyKind.QKD, description="Policy of SAE pairs not listed.")
+    default_on_empty: EmptyPoolAction = Field(EmptyPoolAction.FAIL, description="`on_empty` of SAE pairs not listed.")
+    key_size_bits: Count = Field(
+        256, alias="key_size", ge=64, le=8192, description="Default key size in bits (ETSI 014 `key_size`), a multiple of 8."
+    )
+    stock_keys: Count = Field(
+        32, ge=1, le=100_000,
+        description="Keys of the default size each KME keeps ready per remote KME it serves (relayed ahead of demand).",
+    )
+    max_keys_per_request: Count = Field(128, ge=1, le=10_000, description="ETSI 014 `max_key_per_request`.")
+    relay_timeout_s: PositiveDuration = Field(
+        2.0, alias="relay_timeout", description="A relayed key not confirmed end to end within this is dropped and relayed again."
+    )
+    host: str = Field(
+        "127.0.0.1", pattern=r"^[0-9a-fA-F.:]{2,45}$",
+        description="Address the KMEs' HTTPS servers bind (local runtime); 127.0.0.1 unless you publish them.",
+    )
+
+    @field_validator("key_size_bits")
+    @classmethod
+    def _whole_bytes(cls, value: int) -> int:
+        if value % 8:
+            raise _error("key_size", f"key_size must be a multiple of 8, got {value}")
+        return value
+
+    def sae_nodes(self) -> dict[str, str]:
+        return {sae.id: sae.node for sae in self.saes}
+
+
+def _kms_issues(kms: Kms | None, topo: Topology | None) -> list[FieldIssue]:
+    """SAE ids unique, on declared nodes that have a QKD link; policies name known SAEs."""
+    if kms is None:
+        return []
+    issues: list[FieldIssue] = []
+    seen: dict[str, int] = {}
+    qkd_nodes = {node for pair in (topo.qkd if topo else {}) for node in pair}
+    for i, sae in enumerate(kms.saes):
+        if sae.id in seen:
+            issues.append(FieldIssue(("kms", "saes", i, "id"), f"duplicate SAE id {sae.id!r} (first: kms.saes[{seen[sae.id]}])"))
+        seen.setdefault(sae.id, i)
+        if sae.id.startswith("kme-"):
+            issues.append(FieldIssue(("kms", "saes", i, "id"),
+                                     f"SAE id {sae.id!r} starts with 'kme-', which names KME certificates"))
+        if topo is not None and sae.node not in topo.nodes:
+            issues.append(FieldIssue(("kms", "saes", i, "node"),
+                                     f"unknown node {sae.node!r} (declared nodes: {_listing(topo.nodes)})"))
+        elif topo is not None and sae.node not in qkd_nodes:
+            issues.append(FieldIssue(("kms", "saes", i, "node"),
+                                     f"node {sae.node!r} has no QKD link, so it runs no KME; give one of its links "
+                                     "a `qkd` section"))
+    for node in sorted(qkd_nodes):
+        if len(node) > 60:  # its KME certificate's CN `kme-<node>` must fit RFC 5280's 64 characters
+            issues.append(FieldIssue(("kms",), f"node name {node!r} is too long for a KME (at most 60 characters)"))
+    pairs: dict[frozenset[str], int] = {}
+    for i, policy in enumerate(kms.policies):
+        for j, sae_id in enumerate(policy.saes):
+            if sae_id not in seen:
+                issues.append(FieldIssue(("kms", "policies", i, "saes", j),
+                                         f"unknown SAE {sae_id!r} (SAEs: {_listing(frozenset(seen))})"))
+        if policy.saes[0] == policy.saes[1]:
+            issues.append(FieldIssue(("kms", "policies", i, "saes"), "a policy names two different SAEs"))
+        pair = frozenset(policy.saes)
+        if pair in pairs:
+            issues.append(FieldIssue(("kms", "policies", i, "saes"),
+                                     f"a second policy for this pair (the first is kms.policies[{pairs[pair]}])"))
+        pairs.setdefault(pair, i)
+    return issues
 
 
 class Expectation(_Model):
@@ -885,6 +1072,7 @@ class Scenario(_Model):
     faults: tuple[Fault, ...] = Field(
         (), max_length=1024, description="Faults injected during the run, see [Fault](#fault)."
     )
+    kms: Kms | None = Field(None, description="Key management (KMEs, SAEs, key policies), see [Kms](#kms).")
 
     @model_validator(mode="before")
     @classmethod
@@ -903,7 +1091,7 @@ class Scenario(_Model):
         ]
         issues = _topology_issues(
             frozenset(self.nodes), links, list(enumerate(self.apps)), list(enumerate(self.expect)),
-            self.duration_s, None,
+            self.duration_s, None, self.kms,
         )
         issues += _fault_issues(
             {name: node.external for name, node in self.nodes.items()},
@@ -946,6 +1134,7 @@ class Scenario(_Model):
             links=frozenset(link.pair for link in self.links),
             entangling=frozenset(link.pair for link in self.links if link.entanglement is not None),
             qkd={link.pair: link.qkd_transmitter for link in self.links if link.qkd is not None},
+            saes=self.kms.sae_nodes() if self.kms is not None else None,
         )
 
 
@@ -958,6 +1147,7 @@ _ENDPOINTS_ADAPTER: Final = TypeAdapter(tuple[Name, Name])
 _APP_ADAPTER: Final = TypeAdapter(App)
 _EXPECTATION_ADAPTER: Final = TypeAdapter(Expectation)
 _FAULT_ADAPTER: Final = TypeAdapter(Fault)
+_KMS_ADAPTER: Final = TypeAdapter(Kms)
 
 
 def _prepare(data: Any) -> Any:
@@ -1095,6 +1285,8 @@ def _topology_issues(
     expectations: Sequence[tuple[int, Expectation]],
     duration_s: float | None,
     more_app_names: frozenset[str] | None,
+    kms: Kms | None = None,
+    kms_declared: bool | None = None,
 ) -> list[FieldIssue]:
     """The cross-field checks, on items that are valid on their own.
 
@@ -1141,7 +1333,9 @@ def _topology_issues(
 
     topo = None
     if node_names is not None:
-        topo = Topology(nodes=node_names, links=frozenset(first_index), entangling=frozenset(entangling), qkd=qkd)
+        topo = Topology(nodes=node_names, links=frozenset(first_index), entangling=frozenset(entangling), qkd=qkd,
+                        saes=kms.sae_nodes() if kms is not None else None)
+    issues.extend(_kms_issues(kms, topo))
 
     app_kinds: dict[str, str] = {}
     qkd_apps: dict[frozenset[str], tuple[int, str]] = {}  # link -> (index, name) of its qkd app
@@ -1174,6 +1368,14 @@ def _topology_issues(
 
     for i, expectation in expectations:
         spec = METRICS.get(expectation.metric)
+        if spec is not None and spec.scope is MetricScope.KMS:
+            if expectation.app is not None:
+                issues.append(FieldIssue(("expect", i, "app"),
+                                         f"metric {spec.name!r} is measured for the run's key management; drop `app`"))
+            elif not (kms is not None if kms_declared is None else kms_declared):
+                issues.append(FieldIssue(("expect", i, "metric"),
+                                         f"metric {spec.name!r} needs a `kms` section"))
+            continue
         if spec is None or spec.scope is not MetricScope.APP:
             continue
         if expectation.app is None:
@@ -1330,7 +1532,14 @@ def _raw_cross_issues(data: Any) -> list[FieldIssue]:
         duration_s: float | None = parse_positive_duration_s(data.get("duration"))
     except UnitError:
         duration_s = None
-    issues = _topology_issues(node_names, links, apps, expectations, duration_s, all_app_names)
+    kms = None
+    if isinstance(data.get("kms"), dict):
+        try:
+            kms = _KMS_ADAPTER.validate_python(data["kms"])
+        except ValidationError:
+            pass  # reported at `kms`
+    issues = _topology_issues(node_names, links, apps, expectations, duration_s, all_app_names, kms,
+                              data.get("kms") is not None)
     external = None
     if node_names is not None and isinstance(nodes, dict):
         external = {k: isinstance(v, dict) and v.get("external") is True for k, v in nodes.items() if k in node_names}
@@ -1616,7 +1825,7 @@ def render_reference() -> str:
         ("QkdLink", QkdLink), ("QkdIntensities", QkdIntensities), ("QkdClassProbabilities", QkdClassProbabilities),
     ]
     models += [(_app_title(cls), cls) for cls in _APP_CLASSES]
-    models += [("Expectation", Expectation), ("Fault", Fault)]
+    models += [("Kms", Kms), ("Sae", Sae), ("KeyPolicy", KeyPolicy), ("Expectation", Expectation), ("Fault", Fault)]
     for title, model in models:
         lines += _model_section(title, model)
 
@@ -1629,7 +1838,7 @@ def render_reference() -> str:
     lines += ["### Metrics", "", "Metrics an expectation may test.", "",
               "| Metric | Scope | Unit | App kinds | Description |", "|---|---|---|---|---|"]
     for spec in sorted(METRICS.values(), key=lambda s: s.name):
-        kinds = ", ".join(f"`{k}`" for k in sorted(spec.app_kinds)) or "any"
+        kinds = ", ".join(f"`{k}`" for k in sorted(spec.app_kinds)) or ("—" if spec.scope is MetricScope.KMS else "any")
         lines.append(f"| `{spec.name}` | {spec.scope.value} | {spec.unit or '—'} | {kinds} | {_cell(spec.description)} |")
     lines.append("")
 

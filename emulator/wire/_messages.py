@@ -605,6 +605,45 @@ class AppMsg(Message):
 
 @register
 @_frozen
+class KmsMsg(Message):
+    """Key-management payload between the KMEs of two neighbours (DESIGN §8).
+
+    `body` is the KME protocol's own message (nodes/kms, docs/protocol.md §10.3): routing
+    updates, one-time-pad relay hops and their MACs, key assignments, routed app messages.
+    It never holds a key in the clear.
+    """
+
+    TYPE = "kms_msg"
+    body: dict[str, Any]
+
+
+@register
+@_frozen
+class KmsStart(Message):
+    """Orchestrator → node: start this node's key management entity with `config`.
+
+    `config` holds the run's KMS description and this KME's credentials (PEMs; the
+    private key is secret: the message is never logged). Reply: `kms_started`.
+    """
+
+    TYPE = "kms_start"
+    config: dict[str, Any] = dataclasses.field(repr=False)
+
+
+@register
+@_frozen
+class KmsStarted(Message):
+    """Node → orchestrator: the KME runs; its ETSI GS QKD 014 and SKIP servers listen on
+    `host` at these TCP ports (HTTPS, mutual TLS)."""
+
+    TYPE = "kms_started"
+    host: str
+    etsi014_port: int
+    skip_port: int
+
+
+@register
+@_frozen
 class Probe(Message):
     """UDP liveness probe (one datagram, no length prefix). Answered by `probe_ack` with the same seq."""
 

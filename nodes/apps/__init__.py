@@ -12,10 +12,13 @@ from types import MappingProxyType
 
 from .base import App, AppAction, AppContext, AppParamError, AppState, BrokerRequest, PeerSend
 from .epr_test import EprTestApp
-from .host import AppHost, HostAction, HostBrokerRequest, HostPeerSend
+from .host import AppHost, HostAction, HostAppIo, HostBrokerRequest, HostPeerSend
 from .qkd import QkdApp
+from .tunnel import TunnelApp
 
-APP_KINDS: Mapping[str, type[App]] = MappingProxyType({EprTestApp.KIND: EprTestApp, QkdApp.KIND: QkdApp})
+APP_KINDS: Mapping[str, type[App]] = MappingProxyType(
+    {EprTestApp.KIND: EprTestApp, QkdApp.KIND: QkdApp, TunnelApp.KIND: TunnelApp}
+)
 
 __all__ = [
     "APP_KINDS",
@@ -28,8 +31,10 @@ __all__ = [
     "BrokerRequest",
     "EprTestApp",
     "HostAction",
+    "HostAppIo",
     "HostBrokerRequest",
     "HostPeerSend",
     "PeerSend",
     "QkdApp",
+    "TunnelApp",
 ]

@@ -10,6 +10,7 @@ reads a clock. Its inputs are pushed, each with the node's emulated time `now`:
                                                  (`epr_delivered`, `epr_done` of its requests)
     handle_peer_message(peer, body, now)         an `app_msg` body from a neighbour
     handle_timer(now)                            when now >= get_timer()
+    handle_datagram(addr, data, now)             a UDP datagram to the app's socket (UdpOpen)
 
 Its outputs are pulled:
 
@@ -21,7 +22,18 @@ Its outputs are pulled:
 `handle_reply` with the same `tag` (any hashable the app chooses). `PeerSend(peer, app,
 body)`: an `app_msg` to app instance `app` on node `peer` over the classical link
 (reliable and ordered on a real link, but the in-memory test links may drop, duplicate
-and delay, so apps retransmit what matters).
+and delay, so apps retransmit what matters). `RoutedSend(node, app, body)`: the same to
+a node that need not be a neighbour; the key-management entities forward it hop by hop
+along their routes (best effort: dropped when no route exists).
+
+Key management and real traffic (the SAE side of DESIGN §8):
+
+* `KmsCall(tag, sae, op, peer_sae, ...)`: an ETSI GS QKD 014 call, made as SAE `sae`
+  (whose certificate the node holds) to this node's KME over HTTPS with mutual TLS; the
+  answer comes to `handle_reply(tag, KmsReply(status, body), now)`.
+* `UdpOpen(tag)`: bind a UDP socket for the app on the node's host (port chosen by the
+  OS); answered by `handle_reply(tag, UdpOpened(host, port), now)`. Datagrams to it
+  arrive through `handle_datagram`; `UdpSend(addr, data)` sends one from it.
 
 Batching: actions are materialised lazily. Inputs only record work; `next_action()`
 first calls `_prepare_actions()`, where an app turns everything that piled up (e.g. all
@@ -52,7 +64,14 @@ __all__ = [
     "AppParamError",
     "AppState",
     "BrokerRequest",
+    "KmsCall",
+    "KmsOp",
+    "KmsReply",
     "PeerSend",
+    "RoutedSend",
+    "UdpOpen",
+    "UdpOpened",
+    "UdpSend",
 ]
 
 
@@ -83,6 +102,8 @@ class AppContext:
     links: Mapping[str, LinkInfo]  # neighbours by name
     # The node's key pools by peer (QKD apps fill them); None: the app keeps its own.
     key_pools: KeyPools | None = None
+    # SAE ids whose credentials this node holds (apps may make KmsCalls as these).
+    saes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,7 +119,62 @@ class PeerSend:
     body: dict[str, Any]
 
 
-AppAction = BrokerRequest | PeerSend
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoutedSend:
+    """An app message to app `app` on any node `node`, forwarded by the KMEs (best effort)."""
+
+    node: str
+    app: str
+    body: dict[str, Any]
+
+
+class KmsOp(enum.Enum):
+    STATUS = "status"  # ETSI GS QKD 014 §5.1
+    ENC_KEYS = "enc_keys"  # §5.2
+    DEC_KEYS = "dec_keys"  # §5.3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KmsCall:
+    """An ETSI GS QKD 014 request to this node's KME, made as SAE `sae`. `peer_sae` is the
+    slave SAE (status, enc_keys) or the master SAE (dec_keys)."""
+
+    tag: Hashable
+    sae: str
+    op: KmsOp
+    peer_sae: str
+    number: int = 1
+    size_bits: int | None = None
+    key_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KmsReply:
+    """The KME's answer to a `KmsCall`: HTTP status (200/400/401/503, or 0 when the call
+    did not complete: `body` then holds {"message": why}) and the decoded JSON body."""
+
+    status: int
+    body: dict[str, Any] = dataclasses.field(repr=False)  # key containers hold key bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UdpOpen:
+    tag: Hashable
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UdpOpened:
+    host: str
+    port: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UdpSend:
+    addr: tuple[str, int]
+    data: bytes = dataclasses.field(repr=False)
+
+
+AppAction = BrokerRequest | PeerSend | RoutedSend | KmsCall | UdpOpen | UdpSend
 
 
 class App(abc.ABC):
@@ -147,6 +223,10 @@ class App(abc.ABC):
         self._timer = None
         self._on_timer(now)
 
+    def handle_datagram(self, addr: tuple[str, int], data: bytes, now: float) -> None:
+        self._t_last = now
+        self._on_datagram(addr, data, now)
+
     # ------------------------------------------------------------------ outputs
 
     def next_action(self) -> AppAction | None:
@@ -193,6 +273,9 @@ class App(abc.ABC):
     def _on_timer(self, now: float) -> None:
         pass
 
+    def _on_datagram(self, addr: tuple[str, int], data: bytes, now: float) -> None:
+        pass
+
     def _prepare_actions(self) -> None:
         """Hook: turn accumulated work into actions (called when the action queue is empty)."""
 
@@ -201,6 +284,10 @@ class App(abc.ABC):
 
     def _send_peer(self, peer: str, app: str, body: dict[str, Any]) -> None:
         self._actions.append(PeerSend(peer, app, body))
+
+    def _act(self, action: AppAction) -> None:
+        """Queue any other action (RoutedSend, KmsCall, UdpOpen, UdpSend)."""
+        self._actions.append(action)
 
     def _set_timer(self, at: float | None) -> None:
         """Arm (earliest wins) or, with None, clear the timer."""

@@ -9,6 +9,11 @@ pulls their actions as `HostAction`s:
   and later calls `handle_broker_reply(tag, reply, now)` with the same tag. The tag is
   `(app name, app tag)`; the host strips it again.
 * `HostPeerSend(peer, message)` — an `app_msg` for the classical link to `peer`.
+* `HostAppIo(app, action)` — the rest of an app's actions (`RoutedSend`, `KmsCall`,
+  `UdpOpen`, `UdpSend`), for the runtime to carry out on behalf of app `app`; answers
+  come back through `handle_app_reply(app, tag, reply)`, datagrams through
+  `handle_datagram(app, addr, data)` and routed messages through
+  `handle_routed_message(src_node, message)`.
 
 Routing of entanglement events (`epr_delivered`, `epr_done` carry the broker's request
 number, not our request id):
@@ -50,9 +55,20 @@ from emulator.wire import (
     RemoteProtocolError,
 )
 
-from .base import App, AppContext, AppParamError, AppState, BrokerRequest, PeerSend
+from .base import (
+    App,
+    AppContext,
+    AppParamError,
+    AppState,
+    BrokerRequest,
+    KmsCall,
+    PeerSend,
+    RoutedSend,
+    UdpOpen,
+    UdpSend,
+)
 
-__all__ = ["AppHost", "HostAction", "HostBrokerRequest", "HostPeerSend", "MAX_HELD_EVENTS"]
+__all__ = ["AppHost", "HostAction", "HostAppIo", "HostBrokerRequest", "HostPeerSend", "MAX_HELD_EVENTS"]
 
 MAX_HELD_EVENTS = 4096
 MAX_APPS = 256
@@ -71,7 +87,13 @@ class HostPeerSend:
     message: AppMsg
 
 
-HostAction = HostBrokerRequest | HostPeerSend
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostAppIo:
+    app: str
+    action: RoutedSend | KmsCall | UdpOpen | UdpSend
+
+
+HostAction = HostBrokerRequest | HostPeerSend | HostAppIo
 
 ContextFactory = Callable[[str], AppContext]
 
@@ -180,6 +202,25 @@ class AppHost:
         self._guard(app, lambda: app.handle_peer_message(peer, message.body, now))
         self._collect(message.app)
 
+    def handle_routed_message(self, src_node: str, message: AppMsg, now: float) -> None:
+        """An app message from a (possibly distant) node, forwarded by the KMEs."""
+        self.handle_peer_message(src_node, message, now)
+
+    def handle_app_reply(self, name: str, tag: Hashable, reply: object, now: float) -> None:
+        """The answer to a `HostAppIo` (KmsReply, UdpOpened) of app `name`."""
+        app = self._apps.get(name)
+        if app is None:
+            return
+        self._guard(app, lambda: app.handle_reply(tag, reply, now))  # type: ignore[arg-type]
+        self._collect(name)
+
+    def handle_datagram(self, name: str, addr: tuple[str, int], data: bytes, now: float) -> None:
+        app = self._apps.get(name)
+        if app is None:
+            return
+        self._guard(app, lambda: app.handle_datagram(addr, data, now))
+        self._collect(name)
+
     def get_timer(self) -> float | None:
         return min((t for a in self._apps.values() if (t := a.get_timer()) is not None), default=None)
 
@@ -237,6 +278,8 @@ class AppHost:
                 self._actions.append(HostBrokerRequest((name, action.tag), msg))
             elif isinstance(action, PeerSend):
                 self._actions.append(HostPeerSend(action.peer, AppMsg(app=action.app, body=action.body)))
+            else:
+                self._actions.append(HostAppIo(name, action))
 
     def _deliver_event(self, name: str, message: Message, now: float) -> None:
         app = self._apps.get(name)

@@ -52,7 +52,8 @@ has not read its connection for a while (§4.7): those show as gaps between wind
 counted in ``pulses_lost_backlog``.
 
 Results (``results()``, counts and rates only — never key bits): final_key_bits
-(added to the pool), net_key_bits (of those, not taken back for authentication),
+(made by privacy amplification), net_key_bits (of those, what entered the pool after
+authentication took its refills),
 secret_key_rate_bps (final bits per emulated second of emission), qber / qber_x (signal
 QBER of the key / test basis, over every estimated block), qber_last_block,
 qber_per_intensity of the last block, sifted_bits, detections, pulses,
@@ -243,7 +244,6 @@ class QkdApp(App):
         pool = ctx.key_pools.pool(params.peer) if ctx.key_pools is not None else KeyPool(params.peer)
         self.pool = pool
         self._pool_bits_at_start = pool.bits_added
-        self._pool_taken_at_start = pool.statistics().bits_taken
         config = self._session_config(params, info)
         backend = get_backend()
         self.session: QkdLinkAlice | QkdLinkBob
@@ -530,7 +530,7 @@ class QkdApp(App):
             self._note(event, now)
         if self._alice:
             target = self.p.key_bits
-            if target is not None and self.pool.bits_added - self._pool_bits_at_start >= target and not self._stop_sent:
+            if target is not None and self.session.final_bits >= target and not self._stop_sent:
                 self._stop(now)
             self._maybe_end(now)
 
@@ -640,7 +640,8 @@ class QkdApp(App):
             running_s = max(0.0, (end or 0.0) - (start or 0.0))
         else:
             running_s = 0.0
-        final = self.pool.bits_added - self._pool_bits_at_start
+        final = st.final_bits
+        net = self.pool.bits_added - self._pool_bits_at_start  # final key less the refills
         qber = [e / n if n else None for e, n in zip(self._key_errors, self._key_sifted, strict=True)]
         return {
             "role": self.p.role.value,
@@ -677,6 +678,6 @@ class QkdApp(App):
             "pool_bits_available": self.pool.bits_available,
             "pool_match": self._pool_match,
             "stopped": self._stopped_reason,
-            "net_key_bits": final - (self.pool.statistics().bits_taken - self._pool_taken_at_start),
+            "net_key_bits": net,
             "blocks": list(self._block_log),
         }

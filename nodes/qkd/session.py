@@ -39,10 +39,13 @@ Authentication. Every message travels in an ``Envelope(seq, message, tag)``; the
 canonical encoding (type code + fields, no pickle). Key: the bootstrap key given to both
 ends (Alice is the initiator of ``DirectionalKeys``), then bits of the link's own pool.
 Refills are decided by Alice alone and announced in ``AmplificationSeed.auth_refill_bits``
-(authenticated), and both ends take exactly that many bits from the pool right after
-adding that block's key: the same bits, in the same order, with no further round trip.
+(authenticated): both ends take exactly that many bits from the *front of that block's
+final key* and add only the rest to the pool: the same bits, with no further round trip.
 Alice refills when either direction of her authenticator is below ``auth_low_water_bits``.
-The key streams are append-only, so a refill never changes bits already due.
+A refill never takes from the pool itself, so the pool has one consumer (key management,
+DESIGN §8), which takes from it asynchronously; a refill in between would make the two
+ends' pools diverge. A block with less final key than the refill goes to authentication
+whole.
 
 Rejection. An envelope with a bad tag, a replayed or out-of-order sequence number is
 counted (``auth_rejects``) and dropped; so is an authentic message that breaks a stage's
@@ -357,7 +360,8 @@ class BlockDiscarded:
 
 @_frozen
 class KeyAdded:
-    """`bits` final key bits of block `block_id` entered the pool (a count, never the key)."""
+    """Block `block_id` gave `bits` final key bits (a count, never the key); all of them
+    entered the pool but an authentication refill taken from their front."""
 
     block_id: int
     bits: int
@@ -567,6 +571,11 @@ class _End(abc.ABC):
         return self._auth.next_verify_seq
 
     @property
+    def final_bits(self) -> int:
+        """Final key bits made so far (refills included): a count."""
+        return self._m.final_bits
+
+    @property
     def blocks_in_progress(self) -> int:
         """Blocks closed by sifting whose key is not in the pool (or dropped) yet."""
         return self._sifting.blocks_open + len(self._queue)
@@ -617,16 +626,16 @@ class _End(abc.ABC):
         return min(key_length(block.estimate, block.leaked), len(block.sifted))
 
     def _keep(self, block: _Block, key: np.ndarray, refill_bits: int) -> None:
-        self.pool.add(block.block_id, key)
+        if refill_bits:
+            self._keys.add(np.packbits(key[:refill_bits], bitorder="little").tobytes())
+            self._m.refills += 1
+        self.pool.add(block.block_id, key[refill_bits:])
         m = self._m
         m.done += 1
         m.final_bits += int(key.shape[0])
         m.leaked += block.leaked
         m.block_pulses += block.sifted.counts.pulses
         self._events.append(KeyAdded(block.block_id, int(key.shape[0]), block.sifted.counts.pulses))
-        if refill_bits:
-            self._keys.add(self.pool.take_bytes(refill_bits // 8))
-            m.refills += 1
 
     def _discard(self, block: _Block, reason: str) -> None:
         self._m.discarded += 1
@@ -733,8 +742,7 @@ class QkdLinkAlice(_End):
         if block.n_out > 0:
             low = min(self._keys.outbound.bits_available, self._keys.inbound.bits_available)
             if low < self._config.auth_low_water_bits:
-                available = self.pool.bits_available + block.n_out
-                refill = min(self._config.auth_refill_bits, available - available % 16)
+                refill = min(self._config.auth_refill_bits, block.n_out - block.n_out % 16)
         self._awaiting_result = block
         block.refill = refill
         packed = np.packbits(block.seed, bitorder="little").tobytes()
@@ -879,8 +887,8 @@ class QkdLinkBob(_End):
         if not isinstance(msg.seed, bytes) or len(msg.seed) != (need + 7) // 8:
             raise _SessionRemoteError("amplification seed of the wrong length")
         refill = int(msg.auth_refill_bits)
-        if refill < 0 or refill % 16 or refill > self.pool.bits_available + head.n_out:
-            raise _SessionRemoteError("auth_refill_bits must be a multiple of 16 within the pool")
+        if refill < 0 or refill % 16 or refill > head.n_out:
+            raise _SessionRemoteError("auth_refill_bits must be a multiple of 16 within the block's key")
         self._queue.popleft()
         self._verified = None
         if not head.tags_ok:  # the seed message only closes a discarded block

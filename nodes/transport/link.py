@@ -24,7 +24,7 @@ State table (role, state, input -> output, next state):
     LISTENER  HANDSHAKE  link_hello, no common version  -> error unsupported_version         CLOSING
     LISTENER  HANDSHAKE  link_hello, link to it is cut  -> error no_link, PeerRejected  CLOSING
     LISTENER  HANDSHAKE  any other frame                -> error unauthorized                CLOSING
-    any       OPEN       app_msg                        -> MessageReceived       OPEN
+    any       OPEN       app_msg, kms_msg               -> MessageReceived       OPEN
     any       OPEN       error                          -> counted, PeerErrorReceived  OPEN
     any       OPEN       bye                            -> LinkClosed            CLOSED
     any       OPEN       malformed frame / wrong type   -> counted, error <code> (re = frame id, or 0)  OPEN
@@ -50,6 +50,7 @@ from emulator.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     SUPPORTED_VERSIONS,
     AppMsg,
+    KmsMsg,
     Bye,
     Error,
     ErrorCode,
@@ -105,7 +106,7 @@ class LinkEstablished:
 @_frozen
 class MessageReceived:
     peer: str
-    message: AppMsg
+    message: AppMsg | KmsMsg
 
 
 @_frozen
@@ -232,8 +233,8 @@ class LinkConnection:
             self._frames_in += 1
             self._handle_payload(payload, now)
 
-    def send(self, message: AppMsg, now: float) -> None:
-        """Queue an application message (shaped). Only when OPEN."""
+    def send(self, message: AppMsg | KmsMsg, now: float) -> None:
+        """Queue an application or KME message (shaped). Only when OPEN."""
         if self.state is not LinkState.OPEN:
             raise LocalProtocolError(ErrorCode.NOT_REGISTERED, f"link is {self.state.value}, not open")
         self._send(message, now)
@@ -342,7 +343,7 @@ class LinkConnection:
                 self._dialer_handshake(msg)
             return
         # OPEN
-        if isinstance(msg, AppMsg):
+        if isinstance(msg, AppMsg | KmsMsg):
             assert self.peer is not None
             self._events.append(MessageReceived(self.peer, msg))
         elif isinstance(msg, Error):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("emulator", "nodes")
 
 NODES_MAY_IMPORT = ("emulator.wire", "emulator.physics", "emulator.kernels", "emulator.testing")
-IO_LIBRARIES = ("trio", "socket", "asyncio", "subprocess", "selectors", "ssl", "http", "docker")
+IO_LIBRARIES = ("trio", "socket", "asyncio", "subprocess", "selectors", "ssl", "http", "httpx", "docker")
 IO_MODULES = (
     "emulator/cli.py",
     "emulator/__main__.py",
@@ -31,6 +31,10 @@ IO_MODULES = (
     "nodes/runtime.py",
     "nodes/__main__.py",
     "nodes/transport/*_io.py",
+    # Key management shells: the KME service, its HTTPS servers and the ETSI/SKIP client.
+    "nodes/kms/service.py",
+    "nodes/kms/https.py",
+    "nodes/kms/client.py",
 )
 
 

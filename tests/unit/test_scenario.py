@@ -146,7 +146,7 @@ def test_helpers() -> None:
     assert Scenario.metric_names() == tuple(sorted(METRICS))
     assert {name for name, spec in METRICS.items() if spec.app_kinds == {"epr-test"}} == {
         "chsh", "fidelity", "pair_rate_hz", "pairs_measured"}
-    assert set(APP_KINDS) == {"epr-test", "qkd"} and topo.qkd == {}
+    assert set(APP_KINDS) == {"epr-test", "qkd", "tunnel"} and topo.qkd == {} and topo.saes is None
 
 
 def test_app_names_default_to_kind_and_index() -> None:

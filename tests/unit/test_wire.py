@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 import emulator.wire as wire
 from emulator.wire import (
+    QkdLinkInfo,
     DEFAULT_MAX_FRAME_BYTES,
     GATE_ARITY,
     PROTOCOL_VERSION,
@@ -880,7 +881,11 @@ def test_token_fields_are_exactly_the_hidden_ones() -> None:
         (tag, f.name) for tag, cls in TYPES.items() for f in dataclasses.fields(cls) if not f.repr
     }
     named_token = {(tag, f.name) for tag, cls in TYPES.items() for f in dataclasses.fields(cls) if "token" in f.name}
-    assert named_token == hidden == {("hello", "token"), ("admin_hello", "token"), ("link_hello", "token")}
+    assert named_token == {("hello", "token"), ("admin_hello", "token"), ("link_hello", "token")}
+    # kms_start carries a KME's private key (PEM) and the run's KMS config.
+    assert hidden == named_token | {("kms_start", "config")}
+    # qkd link info carries the bootstrap authentication key (a nested struct).
+    assert not QkdLinkInfo.__dataclass_fields__["auth_key"].repr
 
 
 # ============================================================================ fuzzing (hypothesis)
