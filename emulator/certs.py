@@ -56,6 +56,7 @@ import os
 import re
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -365,17 +366,27 @@ class RunCa:
 
     # -- issuing --------------------------------------------------------------
 
-    def issue_kme(self, node: str, *, now: dt.datetime | None = None) -> Credential:
-        """The TLS certificate of node `node`'s KME: server + client auth (see the module docstring)."""
+    def issue_kme(
+        self, node: str, *, now: dt.datetime | None = None, extra_ips: Sequence[str] = ()
+    ) -> Credential:
+        """The TLS certificate of node `node`'s KME: server + client auth (see the module
+        docstring). `extra_ips`: addresses clients reach it at besides 127.0.0.1 (e.g. a
+        container's address on its management network), added as IP SANs."""
         cn = kme_common_name(node)
-        san = x509.SubjectAlternativeName(
-            [
-                x509.DNSName("localhost"),
-                x509.DNSName(node),
-                x509.DNSName(f"node-{node}"),
-                x509.IPAddress(_LOCALHOST_IP),
-            ]
-        )
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.DNSName(node),
+            x509.DNSName(f"node-{node}"),
+            x509.IPAddress(_LOCALHOST_IP),
+        ]
+        for text in extra_ips:
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                raise CertError(f"not an IP address: {text[:64]!r}") from None
+            if address != _LOCALHOST_IP:
+                names.append(x509.IPAddress(address))
+        san = x509.SubjectAlternativeName(names)
         eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
         return self._issue(cn, san, eku, now)
 

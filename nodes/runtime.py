@@ -888,9 +888,9 @@ class NodeRuntime:
             old[1].close()
         outbox, queue = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](_APP_UDP_QUEUE)
         self._app_sockets[app] = (sock, outbox)
-        host, port = sock.getsockname()[:2]
-        self.host.handle_app_reply(app, action.tag, UdpOpened(str(self.udp_address[0] or host), int(port)),
-                                   self._em_now())
+        # Peers reach the socket where they reach this node (--advertise-host in containers).
+        host, port = advertised_address(sock.getsockname()[:2], self.options.advertise_host)
+        self.host.handle_app_reply(app, action.tag, UdpOpened(str(host), int(port)), self._em_now())
         self._pump()
         assert self._nursery is not None
         self._nursery.start_soon(self._app_udp_reader, app, sock)

@@ -699,6 +699,29 @@ def _faults_html(results: Mapping[str, Any]) -> str:
     return f"<p>runtime: {_e(results.get('runtime', 'local'))}</p>" + _table(("#", "fault", "steps taken"), rows)
 
 
+def _kms_html(results: Mapping[str, Any]) -> str:
+    """The run's key management: metrics, and per KME its endpoints and counters (counts only)."""
+    kms = _mapping(results.get("kms"))
+    if not kms:
+        return '<p class="note">The scenario has no key management.</p>'
+    metrics = _mapping(kms.get("metrics"))
+    html = _table(("metric", "value"), [(_e(k), _num(v)) for k, v in metrics.items()], numeric=(1,))
+    rows = []
+    for node, stats in _mapping(_mapping(results.get("stats")).get("nodes")).items():
+        kme = _mapping(_mapping(stats).get("kms"))
+        if not kme:
+            continue
+        c = _mapping(kme.get("counters"))
+        ready = sum(_mapping(v).get("ready", 0) for v in _mapping(kme.get("store")).values())
+        rows.append((_e(node), _e(_mapping(kms.get("kmes")).get(node, {}).get("etsi014", "–")),
+                     _num(c.get("keys_confirmed")), _num(c.get("relays_forwarded")), _num(c.get("keys_delivered")),
+                     _num(c.get("reroutes")), _num(c.get("pqc_exchanges")), _num(c.get("pqc_fallbacks")),
+                     _num(ready)))  # fmt: skip
+    html += _table(("KME", "ETSI 014", "relays confirmed", "relays forwarded", "keys delivered", "reroutes",
+                    "PQC exchanges", "PQC fallbacks", "ready keys"), rows, numeric=(2, 3, 4, 5, 6, 7, 8))
+    return html
+
+
 def _links_html(results: Mapping[str, Any], scenario: Mapping[str, Any]) -> str:
     links = [_mapping(x) for x in _list(scenario.get("links"))]
     if not links:
@@ -832,6 +855,7 @@ def _page(results: Mapping[str, Any], scenario: Mapping[str, Any], models: Mappi
         "<h2>Apps</h2>", _apps_html(results, models, scenario),
         "<h2>Expectations</h2>", _expectations_html(results),
         "<h2>Faults</h2>", _faults_html(results),
+        "<h2>Key management</h2>", _kms_html(results),
         "<h2>Links</h2>", _links_html(results, scenario) + _qkd_links_html(results, scenario),
         "<h2>Nodes</h2>", _nodes_html(scenario),
         "<h2>Plots</h2>", _figures_html(drawn),

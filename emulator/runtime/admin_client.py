@@ -84,6 +84,7 @@ class AdminClient:
         self.peer = peer  # for messages: "broker" or "node alice"
         self.timeout_s = timeout_s
         self.welcome: AdminWelcome | None = None
+        self.peer_host: str | None = None  # the host `connect` dialled
         self._closed = False
 
     @classmethod
@@ -104,6 +105,7 @@ class AdminClient:
         except (OSError, trio.TooSlowError) as exc:
             raise AdminConnectionError(f"cannot connect to {peer} at {host}:{port}: {_why(exc)}") from None
         self = cls(stream, peer=peer, timeout_s=timeout_s)
+        self.peer_host = host
         try:
             welcome = await self.request(
                 AdminHello(token=token, versions=list(SUPPORTED_VERSIONS), client=client), AdminWelcome

@@ -79,6 +79,8 @@ class AttachedDeployment:
 
     cuts_links = False  # links are cut through the nodes' control endpoints
 
+    kms_bind_host: str | None = "0.0.0.0"  # noqa: S104 - inside the container's own network namespace
+
     def __init__(self, context: LaunchContext, *, broker: tuple[str, int], node_host_format: str) -> None:
         self.context = context
         self.broker = broker

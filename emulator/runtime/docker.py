@@ -190,6 +190,8 @@ class DockerDeployment:
 
     cuts_links = True
 
+    kms_bind_host: str | None = "0.0.0.0"  # noqa: S104 - inside the container's own network namespace
+
     def __init__(self, context: LaunchContext, *, client: Any, image: str, names: DockerNames | None = None) -> None:
         problems = scenario_problems(context.plan)
         if problems:

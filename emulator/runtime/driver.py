@@ -260,6 +260,9 @@ class Deployment(Protocol):
     #: True when `cut_link`/`restore_link` act on the network itself; False makes the
     #: driver cut links through both nodes' control endpoints (`link_fault`).
     cuts_links: bool
+    #: Where a node's KME servers bind (`kms_start` config `host`): None = the scenario's
+    #: `kms.host` (local processes); "0.0.0.0" in a container's own network namespace.
+    kms_bind_host: str | None
 
     async def start_broker(self) -> BrokerAccess: ...
 
@@ -601,11 +604,15 @@ class RunDriver:
         client = self.controls.get(node)
         if client is None:  # an external node without a control session: it runs no KME here
             return
+        # Where the orchestrator reaches the node is where outside clients reach its KME.
+        reach = client.peer_host
+        bind = self.deployment.kms_bind_host
         try:
-            started = await client.kms_start(self.kms.config_for(node))
+            started = await client.kms_start(self.kms.config_for(node, bind_host=bind, reach_host=reach))
         except AdminError as exc:
             raise await self._blame(exc, f"node {node}") from None
-        self.kms.started(node, started.host, started.etsi014_port, started.skip_port)
+        shown = started.host if started.host not in ("0.0.0.0", "::") else reach  # noqa: S104
+        self.kms.started(node, shown, started.etsi014_port, started.skip_port)
         self.emit(EventKind.KMS_STARTED, node=node, host=started.host, etsi014_port=started.etsi014_port,
                   skip_port=started.skip_port)
 
@@ -933,6 +940,12 @@ class RunDriver:
                 self.stats["nodes"][name] = (await client.get_stats()).stats
             except AdminError as exc:
                 self.stats["nodes"][name] = {"error": str(exc)}
+                continue
+            counters = (self.stats["nodes"][name].get("kms") or {}).get("counters") or {}
+            if counters.get("pqc_fallbacks"):  # DESIGN §8: a PQC-only key is an alarm
+                self.emit(EventKind.KMS_ALARM, node=name, reason="pqc_fallback", keys=counters["pqc_fallbacks"])
+            if counters.get("relays_rejected"):
+                self.emit(EventKind.KMS_ALARM, node=name, reason="relay_rejected", relays=counters["relays_rejected"])
 
     async def _shutdown(self) -> None:
         """Graceful stop: `shutdown` to our nodes, then to the broker; then the deployment forces the rest."""

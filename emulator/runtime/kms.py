@@ -25,6 +25,7 @@ metrics (scenario metric scope `kms`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from collections import Counter, defaultdict
@@ -51,18 +52,27 @@ class KmsSetup:
         self.ca = RunCa.create(run_name)
         self.ca.save(run_dir / CERTS_DIR)
         self._salt = secrets.token_bytes(16)
-        self._kmes = {node: self.ca.issue_kme(node) for node in plan.kme_nodes}
+        self._kmes: dict[str, Any] = {}  # node -> Credential, issued at its first kms_start
         self._saes = {sae: self.ca.issue_sae(sae) for sae in plan.saes}
         self.endpoints: dict[str, dict[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"<KmsSetup kmes={sorted(self._kmes)} saes={len(self._saes)}>"
 
-    def config_for(self, node: str) -> dict[str, Any]:
-        """The `kms_start` config of `node` (secret: its private keys)."""
-        kme = self._kmes[node]
+    def config_for(self, node: str, *, bind_host: str | None = None, reach_host: str | None = None) -> dict[str, Any]:
+        """The `kms_start` config of `node` (secret: its private keys). `bind_host`: where
+        its servers listen (default: the scenario's `kms.host`); `reach_host`: the
+        address clients reach it at, when that is an IP other than 127.0.0.1 (a
+        container's), put into its certificate."""
+        extra = [reach_host] if reach_host is not None and _is_ip(reach_host) else []
+        kme = self._kmes.get(node)
+        if kme is None or extra:
+            kme = self._kmes[node] = self.ca.issue_kme(node, extra_ips=extra)
+        config = self.plan.config()
+        if bind_host is not None:
+            config["host"] = bind_host
         return {
-            **self.plan.config(),
+            **config,
             "node": node,
             "kme_cert_pem": kme.cert_pem,
             "kme_key_pem": kme.key_pem,
@@ -108,6 +118,14 @@ _COUNTERS = {
     "pqc_fallbacks": "pqc_fallbacks",
     "kms_errors": "kms_errors",
 }
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _deliveries(stats: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:

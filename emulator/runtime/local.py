@@ -223,6 +223,8 @@ class LocalDeployment:
 
     cuts_links = False
 
+    kms_bind_host: str | None = None  # the scenario's kms.host (127.0.0.1 unless it says otherwise)
+
     def __init__(self, context: LaunchContext) -> None:
         self.context = context
         self.supervisor = ProcessSupervisor(_child_env(context.tokens, context.options.backend), context.run_dir)

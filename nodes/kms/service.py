@@ -366,8 +366,10 @@ class KmsService:
         if client is None:
             cert_pem, key_pem = self._sae_creds[sae]
             context = client_ssl_context(cert_pem, key_pem, self.config.ca_pem)
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            # The KME certificate names localhost and 127.0.0.1; connect by address.
+            # The KME certificate names localhost and 127.0.0.1; connect by address (the
+            # loopback one when the servers listen on every address of a container).
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
+            host = f"[{host}]" if ":" in host else host
             client = self._clients[sae] = EtsiClient(f"https://{host}:{self.etsi014_port}", context)
         return client
 

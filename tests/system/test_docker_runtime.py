@@ -176,3 +176,60 @@ def test_qkd_in_containers_under_an_eavesdropper(tmp_path: Path, qnetem_image: s
     assert alice["pool_match"] is True and bob["pool_match"] is True
     assert alice["final_key_bits"] == bob["final_key_bits"] > 0
     assert any(e["event"] == "qkd_alarm" for e in events_of(out))
+
+
+def test_key_management_in_containers_serves_the_host(tmp_path: Path, qnetem_image: str) -> None:
+    """scenarios/hybrid-metro.yaml, shortened, in containers: the KMEs relay hybrid keys
+    over the private link networks, the tunnel carries UDP between two containers, and an
+    ETSI GS QKD 014 client on the host reaches a KME at the address in RUN/kms.json,
+    with a certificate from `qnetem certs` (mutual TLS, the KME certificate names the
+    container's address)."""
+    import time
+
+    import httpx
+
+    from nodes.kms.https import client_ssl_context
+
+    data = yaml.safe_load((ROOT / "scenarios" / "hybrid-metro.yaml").read_text())
+    tunnel = next(a for a in data["apps"] if a["kind"] == "tunnel")
+    tunnel["duration"] = "4s"
+    data["duration"] = "20s"
+    data["expect"] = [
+        {"metric": "keys_delivered", "min": 3},
+        {"metric": "key_mismatches", "max": 0},
+        {"metric": "duplicate_deliveries", "max": 0},
+        {"metric": "bytes_carried", "app": "tunnel", "min": 1},
+        {"metric": "auth_failures", "app": "tunnel", "max": 0},
+    ]
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "run", str(path), "--runtime", "docker", "--image", qnetem_image,
+         "--out", str(out), "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    status: tuple[int, dict[str, Any]] | None = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "kms.json").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        manifest = json.loads((out / "kms.json").read_text())
+        url = manifest["kmes"]["alice"]["etsi014"]
+        assert "127.0.0.1" not in url  # the container's address on its management network
+        creds = tmp_path / "creds"
+        subprocess.run([sys.executable, "-m", "emulator.cli", "certs", str(out), "--sae", "alice-app",
+                        "--out", str(creds)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+        context = client_ssl_context((creds / "alice-app.pem").read_bytes(), (creds / "alice-app.key").read_bytes(),
+                                     (creds / "ca.pem").read_bytes())
+        with httpx.Client(verify=context, timeout=10) as client:
+            reply = client.get(f"{url}/api/v1/keys/bob-app/status")
+            status = (reply.status_code, reply.json())
+    finally:
+        stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stdout + stderr
+    results = json.loads((out / "results.json").read_text())
+    assert status is not None and status[0] == 200
+    assert status[1]["source_KME_ID"] == "alice" and status[1]["target_KME_ID"] == "bob"
+    assert results["kms"]["metrics"]["keys_matched"] >= 3

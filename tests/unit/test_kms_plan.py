@@ -151,3 +151,21 @@ def test_kms_expectations_read_the_run_metrics() -> None:
     assert not low.passed and "below the minimum 5" in low.message
     (missing,) = evaluate_expectations(specs[:1], apps, None)
     assert not missing.passed and "could not be collected" in missing.message
+
+
+def test_the_report_has_a_key_management_section(tmp_path: Path) -> None:
+    from emulator.report.html import write_report
+
+    results = {
+        "run_id": "r", "apps": {}, "expectations": [],
+        "kms": {"metrics": {"keys_delivered": 7.0, "key_mismatches": 0.0},
+                "kmes": {"alice": {"etsi014": "https://127.0.0.1:4430", "skip": "https://127.0.0.1:4431"}}},
+        "stats": {"nodes": {"alice": {"kms": {"counters": {"keys_confirmed": 12, "reroutes": 2},
+                                              "store": {"bob": {"ready": 5, "delivered": 7}}}}}},
+    }  # fmt: skip
+    html = write_report(tmp_path, results, {"name": "r", "nodes": {}}).read_text()
+    section = html[html.index("<h2>Key management</h2>"):]
+    assert "keys_delivered" in section and "https://127.0.0.1:4430" in section
+    assert ">12<" in section and ">5<" in section  # relays confirmed, ready keys
+    empty = write_report(tmp_path, {"run_id": "r", "apps": {}}, {"name": "r", "nodes": {}}).read_text()
+    assert "no key management" in empty
