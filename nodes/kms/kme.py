@@ -379,6 +379,10 @@ class _Malformed(Exception):
     """A message from a peer does not have the required shape (the peer's fault)."""
 
 
+class _ForgedHop(Exception):
+    """A relay hop's one-time MAC did not verify (rolls back the material it took)."""
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class _Relay:
     key_id: str
@@ -950,8 +954,18 @@ class Kme:
         n = size_bits // 8 + _relay.TOKEN_BYTES
         ct = _bytes(body, "ct", n)
         tag = _bytes(body, "tag", _relay.TAG_BYTES)
+        aad = _relay.auth_data(_relay.RELAY_LABEL, peer, self._node, key_id, src, dst, size_bits, pos, ttl)
         try:
-            material = self._store.take_peer(peer, pos, n + _relay.MAC_KEY_BYTES)
+            # Take the material and check the tag in one transaction: a forged hop (a bad
+            # tag, e.g. with a far-ahead `pos`) rolls back, so it spends no link key.
+            with self._store.transaction():
+                material = self._store.take_peer(peer, pos, n + _relay.MAC_KEY_BYTES)
+                payload = _relay.open_otp(ct, tag, material, aad)
+                if payload is None:
+                    raise _ForgedHop
+        except _ForgedHop:
+            self._n["relays_rejected"] += 1
+            return
         except NotYetAvailable:
             if len(self._parked_hops) >= MAX_PARKED:
                 self._parked_hops.pop(0)
@@ -964,11 +978,6 @@ class Kme:
             return
         except KeyStoreError:
             raise _Malformed("relay position") from None
-        aad = _relay.auth_data(_relay.RELAY_LABEL, peer, self._node, key_id, src, dst, size_bits, pos, ttl)
-        payload = _relay.open_otp(ct, tag, material, aad)
-        if payload is None:
-            self._n["relays_rejected"] += 1
-            return
         if dst == self._node:
             self._relay_arrived(peer, key_id, src, size_bits, payload, now)
         elif ttl <= 1:
@@ -1443,7 +1452,9 @@ class Kme:
         epoch: PqcEpoch | None = None
         if policy != "qkd":
             eid = msg.get("epoch")
-            epoch = self._pqc_in.get(src, {}).get(eid) if isinstance(eid, int) and not isinstance(eid, bool) else None
+            if not isinstance(eid, int) or isinstance(eid, bool):
+                raise _Malformed("a pqc or hybrid assignment names its epoch")
+            epoch = self._pqc_in.get(src, {}).get(eid)
             if epoch is None:
                 # an exchange we answered may be confirmed any moment (the confirmation can be
                 # overtaken after a reroute): wait for it; an epoch we never heard of (we
@@ -1739,7 +1750,10 @@ class Kme:
 
     def _on_app(self, src: str, msg: Mapping[str, Any], now: float) -> None:
         app = _str(msg, "app")
-        self._events.append(AppMessage(src, app, msg.get("body")))
+        body = msg.get("body")
+        if not isinstance(body, Mapping):
+            raise _Malformed("an app message carries a map body")
+        self._events.append(AppMessage(src, app, dict(body)))
 
     _ROUTED: Final[dict[str, Callable[[Kme, str, Mapping[str, Any], float], None]]] = {
         "relay_ok": _on_relay_ok,

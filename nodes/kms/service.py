@@ -245,7 +245,7 @@ class KmsService:
                     waiter.result = event
                     waiter.done.set()
             elif isinstance(event, AppMessage):
-                self._deliver_app(event.src_node, event.app, dict(event.body))
+                self._deliver_app(event.src_node, event.app, event.body)
             elif isinstance(event, PqcFallback):
                 self.alarms += 1
                 log.warning("KMS alarm: %s", event)

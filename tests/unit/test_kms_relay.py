@@ -207,10 +207,18 @@ def test_forged_relay_and_replay_are_rejected() -> None:
     bob.receive("alice", forged, net.now)
     assert bob.statistics().relays_rejected == before.relays_rejected + 1
     assert net.count("bob", "alice", "alice") == 1  # only the genuine key
+    # ... and a forgery far ahead in the stream spends none of it (the take rolls back).
+    left = net.store("bob").link_bytes_available("alice", own=False)
+    bob.receive("alice", dict(forged, pos=front + 1000), net.now)
+    assert bob.statistics().relays_rejected == before.relays_rejected + 2
+    assert net.store("bob").link_bytes_available("alice", own=False) == left
+    # an app message must carry a map: anything else is malformed, not a crash
+    bob.receive("alice", {"op": "fwd", "src": "alice", "dst": "bob", "ttl": 3,
+                          "msg": {"op": "app", "app": "t", "body": 7}}, net.now)  # fmt: skip
     # malformed junk is counted, not raised
     bob.receive("alice", {"op": "relay", "key_id": 5}, net.now)
     bob.receive("alice", {"op": "nonsense"}, net.now)
-    assert bob.statistics().messages_malformed == before.messages_malformed + 2
+    assert bob.statistics().messages_malformed == before.messages_malformed + 3
 
 
 def test_relay_waits_for_material_that_reaches_the_receiver_later() -> None:
