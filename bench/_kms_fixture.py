@@ -40,24 +40,26 @@ class RunFailed(RuntimeError):
 
 
 class RealKmsRun:
+    """One `qnetem run` child process and its run directory (see the module docstring)."""
+
     def __init__(self, scenario: Mapping[str, Any], workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.scenario_path = self.workdir / "bench-kms.yaml"
         self.run_dir = self.workdir / "run"
         self.scenario_path.write_text(yaml.safe_dump(dict(scenario), sort_keys=False))
         self._stdout = open(self.workdir / "qnetem-run.out", "wb")  # noqa: SIM115 - closed in stop()
-        self.started_wall_s = time.perf_counter()
+        argv = [sys.executable, "-m", "emulator.cli", "run", str(self.scenario_path), "--out", str(self.run_dir)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "emulator.cli", "run", str(self.scenario_path), "--out", str(self.run_dir), "--quiet"],
-            cwd=ROOT, stdout=self._stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [*argv, "--quiet"], cwd=ROOT, stdout=self._stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         self.exit_code: int | None = None
 
     def _check_alive(self, what: str) -> None:
         code = self.process.poll()
         if code is not None:
-            tail = (self.workdir / "qnetem-run.out").read_text(errors="replace")[-400:]
-            raise RunFailed(f"qnetem run exited ({code}) while waiting for {what}: {tail!r}")
+            lines = (self.workdir / "qnetem-run.out").read_text(errors="replace").splitlines()
+            last = [ln for ln in lines if ln.startswith(("qnetem:", "error:"))][-2:] or lines[-1:]
+            raise RunFailed(f"qnetem run exited ({code}) while waiting for {what}: {' / '.join(last)}")
 
     def wait_manifest(self, timeout_s: float) -> dict[str, Any]:
         """RUN/kms.json, once written (the KMEs' URLs and SAE -> node)."""
@@ -91,7 +93,9 @@ class RealKmsRun:
         while True:
             self._check_alive("the QKD apps")
             found = {
-                e["app"]: e for e in self.events() if e.get("event") in ("app_done", "app_failed") and e.get("app") in names
+                e["app"]: e
+                for e in self.events()
+                if e.get("event") in ("app_done", "app_failed") and e.get("app") in names
             }
             if len(found) == len(names):
                 return found
@@ -105,7 +109,8 @@ class RealKmsRun:
             [sys.executable, "-m", "emulator.cli", "certs", str(self.run_dir), "--sae", sae, "--out", str(out_dir)],
             cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        return (out_dir / f"{sae}.pem").read_bytes(), (out_dir / f"{sae}.key").read_bytes(), (out_dir / "ca.pem").read_bytes()
+        cert, key, ca = ((out_dir / name).read_bytes() for name in (f"{sae}.pem", f"{sae}.key", "ca.pem"))
+        return cert, key, ca
 
     def stop(self, grace_s: float = 30.0) -> int:
         """SIGTERM to the `qnetem run` child, SIGKILL to it after `grace_s`; its exit code."""

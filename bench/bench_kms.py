@@ -1,84 +1,103 @@
-"""Benchmark the key management (issue 5): keys served over ETSI GS QKD 014, latency,
-relay cost per hop, hybrid key derivation and the PQC exchange.
+"""Benchmark the key management (issue 5): keys served over ETSI GS QKD 014, their
+latency, key relay cost per hop, hybrid key derivation and the PQC exchange.
 
-Run: ``python bench/bench_kms.py [--quick] [--no-processes]``. Prints one JSON object per
-line: an ``environment`` line (bench/_common.py, plus ``loadavg_1_5_15`` from
-os.getloadavg(): other work on the machine skews every number below), then
+Run: ``python bench/bench_kms.py [--quick] [--no-processes] [--keep DIR]`` (~1 min;
+--quick ~35 s). Prints one JSON object per line: an ``environment`` line
+(bench/_common.py, plus ``loadavg_1_5_15`` from os.getloadavg(): other work on the
+machine skews every number below), then the records below. Speed is never asserted;
+every served key is checked (the slave's copy must equal the master's: ``mismatches``)
+and errors are counted by HTTP status. Numbers depend on the machine: on 2 cores the
+broker, three node processes and the client share them.
 
-* ``kms_hybrid_key`` — CPU per 256-bit key handed out under each policy, one KME:
-  ``qkd_us`` = ``hybrid_key(qkd_key=k)`` (the key as is, after its checks),
-  ``pqc_us`` / ``hybrid_us`` = ``PqcEpoch.derive_key`` (CatKDF = HKDF-SHA-256 over
-  [QKD key ||] ML-KEM secret || X25519 secret, ETSI TS 103 744 §8.2), with the context the
-  KME builds (key id, transcript hash, policy, size, master, slaves). The baseline is
-  ``qkd_us``; ``hybrid_over_qkd`` is the ratio.
-* ``kms_pqc_exchange`` — one authenticated ML-KEM-768 + X25519 exchange, the full
-  three messages (PqcInit, PqcResponse, PqcConfirm) between two KMEs with certificates
-  from a ``RunCa``, each message through msgpack and ``message_from_dict`` as on the KMS
-  link. ``ms_per_exchange`` is the CPU of *both* ends together (one process, no network);
-  ``steps_ms`` splits it (median of ``breakdown_n`` exchanges; ``wire`` = encoding and
-  decoding of the three messages). ``amortised_us_per_key``: ms_per_exchange / N +
-  hybrid_us, for an epoch serving N keys (the KME renews an epoch every
-  ``pqc_rekey_s`` = 60 s by default, so N = keys a pair uses per minute).
-* ``kms_relay_chain`` — one key relay (hop-by-hop one-time pad + Wegman-Carter MAC,
-  confirmed end to end by the destination's token) along a chain of ``kmes`` KMEs
-  (``hops`` = kmes - 1), sans-IO cores in nodes.kms.testing.KmeNetwork with link delay 0
-  (the fake clock never moves), so the time is the wall CPU of every hop: the cores,
-  msgpack on every message, and the SQLite stores (``store: "file"``: WAL,
-  synchronous=FULL, so each commit fsyncs; ``"memory"``: the same without the disk).
-  ``ms_per_relay``: the source KME's stock is one key short, its timer tick starts one
-  relay, the network is pumped until the confirmation came back (p50 / p90 / mean over
-  ``samples``); ``batch_ms_per_relay``: 16 keys short (MAX_RELAYS_IN_FLIGHT relays in
-  flight at once), wall / 16. The stock key removed before each sample is taken out of
-  the store directly (outside the timed part).
-* ``kms_relay_per_hop`` — per store kind, the least-squares line through (hops,
-  p50 ms_per_relay) over chains of 2, 3 and 5 KMEs: ``ms_per_hop`` (slope) and
-  ``ms_fixed`` (intercept: the source's and destination's share).
-* ``kms_serve`` ``mode: "in-memory"`` — the baseline: keys served by the KME cores alone,
-  the same topology as below (alice — relay — bob, SAEs alice-app at alice and bob-app
-  at bob, policy qkd), file stores in a temporary directory, a stock made beforehand from
-  link material, no HTTP, no TLS, no processes (KmeNetwork, msgpack between cores). One
-  served key = ``enc_keys`` (1 key of 256 bits) at the master's KME, the assignment
-  round trip to the slave's KME, then ``dec_keys`` of that key id at the slave's KME.
-  ``clients`` 1: one request at a time; 8 / 32: that many enc_keys requests issued
-  together and pumped, then their dec_keys. Directions alternate (alice-app master, then
-  bob-app master) so both stocks are used. ``keys_per_s`` = keys served / wall s.
-* ``kms_serve`` ``mode: "processes"`` — the realistic setup: a real `qnetem run`
-  (bench/_kms_fixture.py) of a scenario written to a temporary directory: alice —
-  relay — bob joined by 10 km QKD links (GYS parameters, the links of
-  scenarios/hybrid-metro.yaml), one QKD link at a time (``key_bits`` each), then a quiet
-  period. ``stock_keys`` is set above what the link material can make, so every
-  relay ends before the measurement and every request is served from stock; the bench
-  polls ``status.stored_key_count`` until the stock stops growing. This process is the
-  SAE client: credentials from `qnetem certs RUN --sae ID`, httpx over HTTPS with mutual
-  TLS (nodes.kms.client.EtsiClient) to the KMEs' URLs in RUN/kms.json. One served key
-  as above, over HTTPS (``enc_keys`` at one KME process, ``dec_keys`` at the other; the
-  assignment travels between the node processes over their TCP link through relay).
-  ``clients`` N: N concurrent client tasks, each with its own two HTTPS connections
-  (one per KME) opened by one warm-up key in each direction before the clock starts;
-  one SAE pair for all (several connections of one application). ``speedup_vs_...``
-  is not given: the ratio to the in-memory record of the same ``clients`` is
-  ``in_memory_over_processes`` — what HTTPS, TLS, JSON, the delivery records (fsync)
-  and the process boundary cost.
-* ``kms_latency`` — per served key of the ``clients`` = 1 level (mode processes, and
-  the in-memory baseline): p50 / p90 / p99 / max in milliseconds of ``enc_keys``,
-  ``dec_keys`` and the two together.
-* ``kms_run`` — the real run's sanity: link material made, stock reached, exit code,
-  and the run's own ``kms`` metrics (keys_delivered, key_mismatches,
-  duplicate_deliveries must be 0).
+1. Keys served per second (``kms_serve``), 256-bit keys, policy qkd. One served key =
+   ``enc_keys`` (1 key) by the master SAE at its KME — which assigns a stock key and
+   gets the slave KME's ack over the KMS links (alice — relay — bob, two hops) — then
+   ``dec_keys`` of that key id by the slave SAE at its KME. Directions alternate
+   (alice-app master, then bob-app master) so both KMEs' stocks are used.
+   ``keys_per_s`` = keys served / wall seconds of the level.
 
-Every served key is checked: the slave's copy must equal the master's
-(``mismatches``); errors are counted by HTTP status. Speed is never asserted here.
-Numbers depend on the machine: on 2 cores the node processes and the client share them.
+   * ``mode: "processes"`` (the realistic setup): a real `qnetem run`
+     (bench/_kms_fixture.py) of a scenario written to a temporary directory: alice —
+     relay — bob joined by 10 km QKD links (the links of scenarios/hybrid-metro.yaml),
+     one QKD link at a time (``key_bits_per_link``), then a quiet period. ``key_bits``
+     makes link material for 1.5 times the stock the levels need (``stock_needed`` per
+     direction: 2 stock keys per served key, the key and the one-time MAC key of its
+     assignment); ``stock_keys`` is above what the material can make, so the KMEs turn
+     all of it into stock and then stop relaying. The bench polls
+     ``status.stored_key_count`` until both stocks stop growing: every request is served
+     from stock made before the clock starts, and no relay competes for the CPU
+     (``stock_after``: what is left). This process is the SAE client: credentials from
+     `qnetem certs RUN --sae ID`, httpx over HTTPS with mutual TLS
+     (nodes.kms.client.EtsiClient) to the URLs in RUN/kms.json. ``clients`` N: N
+     concurrent trio tasks, each with its own two HTTPS connections (one per KME),
+     opened by a ``status`` call before the clock starts (handshakes are not timed; a
+     status call uses no key); one SAE pair for all. ``client_cpu_s``: CPU seconds this
+     process used during the level. If the QKD links made less stock than planned (a
+     busy machine: the broker drops detections), every level is scaled down by the same
+     factor (``scale`` in ``kms_run``).
+   * ``mode: "in-memory"`` (the baseline, same run): the same topology, SAEs and policy
+     served by the KME cores alone — nodes.kms.testing.KmeNetwork, file stores in a
+     temporary directory (SQLite fsyncs as in the nodes), msgpack between cores, a stock
+     made beforehand from link material in the same way (``kms_core_stock``: how fast
+     the cores made it) — no HTTP, TLS, JSON, delivery records, node runtime or process
+     boundary. ``clients`` 1: one request at a time; 8 / 32: that many enc_keys issued
+     together and pumped, then their dec_keys.
+   * ``in_memory_over_processes`` (processes records) = in-memory keys_per_s / processes
+     keys_per_s at the same ``clients``: what the HTTPS service and the processes cost.
+
+2. Latency (``kms_latency``) of each served key of the ``clients`` = 1 level, per mode:
+   p50 / p90 / p99 / max in milliseconds of ``enc_keys``, ``dec_keys`` and the two
+   together (the processes records also carry each level's p50).
+
+3. Relay cost (``kms_relay_chain``, ``kms_relay_per_hop``): one key relay (hop-by-hop
+   one-time pad + Wegman-Carter MAC, confirmed end to end by the destination's token)
+   along a chain of ``kmes`` = 2, 3, 5 KMEs (``hops`` = kmes - 1): sans-IO cores in
+   KmeNetwork with link delay 0 (the fake clock never moves), so the time is the wall
+   CPU of every hop — cores, msgpack of every message, SQLite stores (``store: "file"``:
+   WAL, synchronous=FULL, each commit fsyncs; ``"memory"``: the same without the disk).
+   ``ms_per_relay``: the source KME's stock is one key short (a key taken out of its
+   store, not timed), a timer tick starts one relay, the network is pumped until the
+   confirmation is back (p50 / p90 / p99 / max / mean of ``samples``);
+   ``batch_ms_per_relay``: 16 short (MAX_RELAYS_IN_FLIGHT relays at once), wall / 16.
+   ``kms_relay_per_hop``: the least-squares line through (hops, p50) — ``ms_per_hop``
+   (slope) and ``ms_fixed`` (intercept: the ends' share); ``batch_*`` the same for the
+   batch numbers. (Not measured over real processes.)
+
+4. Hybrid keys. ``kms_hybrid_key``: CPU per 256-bit key, one KME. Baseline ``qkd_us`` =
+   ``hybrid_key(qkd_key=k)``, the key as is after the argument checks (the KME's qkd
+   path does not even call it); ``pqc_us`` / ``hybrid_us`` = ``PqcEpoch.derive_key`` —
+   CatKDF (ETSI TS 103 744 §8.2: HKDF-SHA-256 over [QKD key ||] ML-KEM secret || X25519
+   secret) with the context the KME builds (key id, transcript hash, policy, size,
+   master, slaves); ``hybrid_over_qkd`` = the ratio. ``kms_pqc_exchange``: one
+   authenticated ML-KEM-768 + X25519 exchange, all three messages (PqcInit, PqcResponse,
+   PqcConfirm) between two KMEs with certificates from a ``RunCa``, each message through
+   msgpack and ``message_from_dict`` as on the KMS link; ``ms_per_exchange`` is the CPU
+   of both ends together (one process, no network), ``steps_ms`` splits it (medians of
+   ``breakdown_n`` exchanges; ``wire`` = encoding and decoding of the three messages).
+   ``amortised_us_per_key`` = ms_per_exchange / N + pqc_us (hybrid_us) for an epoch
+   serving N keys (the KME renews an epoch every ``pqc_rekey_s`` = 60 s by default).
+
+``kms_run``: the real run's sanity — QKD final key bits per link, the stock reached
+(alice-owned keys for bob, bob-owned keys for alice), exit code (130: the bench stops
+the run with SIGTERM once done) and the KMEs' delivery records counted like the run's
+metrics (``keys_delivered``; ``key_mismatches`` and ``duplicate_deliveries`` must be 0).
+
+Method: per_call_s (bench/_common.py: best of 3 loops of >= 0.2 s, 0.05 s with --quick)
+for the per-key and per-exchange CPU; time.perf_counter around each request or relay
+otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,12 +132,18 @@ RELAY_BYTES = KEY_BYTES + 16 + 32
 #: Stock keys one enc_keys of one 256-bit key spends: the key and one more for the
 #: assignment's one-time MAC (nodes/kms/kme.py `_demand`, `_mac_keys`).
 STOCK_PER_KEY = 2
+#: stock_keys above what the link material makes (KmeConfig.max_key_count caps the target):
+#: every relay is made before the measurement and none runs during it.
+STOCK_ALL = 100_000
+#: kms.relay_timeout of the real run (see _scenario)
+RELAY_TIMEOUT_S = 5.0
 #: (master KME, master SAE, slave KME, slave SAE)
 DIRECTIONS = (("alice", "alice-app", "bob", "bob-app"), ("bob", "bob-app", "alice", "alice-app"))
 PAIR = frozenset(("alice-app", "bob-app"))
-#: Final key bits per wall second of one 10 km link in a run on this kind of machine
-#: (scenarios/hybrid-metro.yaml: ~75 kbit per 10^6-bit block, a block every ~0.45 s);
-#: only sizes the QKD apps' time cap, the bench adapts to the stock it gets.
+#: Final key bits per wall second of one 10 km link, for the QKD apps' time cap: an idle
+#: 2-core machine makes ~100-150 kbit/s (~75 kbit per 10^6-bit block, a block every
+#: 0.45-0.7 s: post-processing, not emission, bounds it). A link stops earlier once it
+#: has `key_bits`; with less (a busy machine) the levels are scaled down.
 LINK_BPS_ESTIMATE = 100e3
 QKD_LINK = {
     "pulse_rate_hz": 1e9,
@@ -176,8 +201,9 @@ def bench_hybrid(min_loop_s: float, breakdown_n: int) -> None:
     )  # fmt: skip
     t_pqc = per_call_s(lambda: ep_i.derive_key(key_id=key_id, length_bytes=KEY_BYTES, extra=extra), min_loop_s, loops=3)
     t_hyb = per_call_s(
-        lambda: ep_i.derive_key(key_id=key_id, length_bytes=KEY_BYTES, qkd_key=qkd_key, extra=extra), min_loop_s, loops=3
-    )
+        lambda: ep_i.derive_key(key_id=key_id, length_bytes=KEY_BYTES, qkd_key=qkd_key, extra=extra),
+        min_loop_s, loops=3,
+    )  # fmt: skip
     same_keys = ep_i.derive_key(key_id=key_id, length_bytes=KEY_BYTES, qkd_key=qkd_key, extra=extra) == ep_r.derive_key(
         key_id=key_id, length_bytes=KEY_BYTES, qkd_key=qkd_key, extra=extra
     )
@@ -300,18 +326,17 @@ def bench_relay(tmp: Path, samples: int, batches: int) -> None:
 
 
 def _keys_needed(levels: Sequence[tuple[int, int]]) -> int:
-    """Keys served per direction over all levels, warm-up keys included (+ slack for odd splits)."""
-    return math.ceil(sum(n + 2 * c for c, n in levels) / 2) + 8
+    """Keys served per direction over all levels (+ slack: a level may split unevenly)."""
+    return math.ceil(sum(n for _, n in levels) / 2) + 8
 
 
 def bench_core(tmp: Path, levels: Sequence[tuple[int, int]]) -> dict[int, float]:
-    per_dir = _keys_needed(levels)
-    stock = per_dir * STOCK_PER_KEY
+    stock = _keys_needed(levels) * STOCK_PER_KEY
     store_dir = tmp / "core"
     store_dir.mkdir()
     net = KmeNetwork(
         [("alice", "relay"), ("relay", "bob")], {"alice-app": "alice", "bob-app": "bob"},
-        policies={PAIR: PairPolicy("qkd", "fail")}, store_dir=store_dir, config={"stock_keys": stock},
+        policies={PAIR: PairPolicy("qkd", "fail")}, store_dir=store_dir, config={"stock_keys": STOCK_ALL},
     )  # fmt: skip
     rates: dict[int, float] = {}
     pc = time.perf_counter
@@ -347,8 +372,6 @@ def bench_core(tmp: Path, levels: Sequence[tuple[int, int]]) -> dict[int, float]
             failed = 0
             if clients == 1:
                 lat: tuple[list[float], list[float]] = ([], [])
-                one(0, None)
-                one(1, None)
                 t0 = pc()
                 for i in range(n):
                     failed += not one(i % 2, lat)
@@ -393,11 +416,12 @@ def _scenario(key_bits: int, stock_keys: int, link_cap_s: float, quiet_s: float)
                 "qkd": {"transmitter": a, **QKD_LINK}}  # fmt: skip
 
     start2 = link_cap_s + 1.0
+    end_s = start2 + link_cap_s + quiet_s
     return {
         "name": "bench-kms",
-        "description": "bench/bench_kms.py: a KMS stock from two QKD links, then a quiet period for the ETSI 014 client",
+        "description": "bench/bench_kms.py: a KMS stock from two QKD links, then quiet for the ETSI 014 client",
         "seed": 7,
-        "duration": f"{start2 + link_cap_s + quiet_s:.0f}s",
+        "duration": f"{end_s + 5:.0f}s",
         "time_scale": 1,
         "nodes": {"alice": {}, "relay": {}, "bob": {}},
         "links": [link("alice", "relay"), link("relay", "bob")],
@@ -407,14 +431,21 @@ def _scenario(key_bits: int, stock_keys: int, link_cap_s: float, quiet_s: float)
             "key_size": KEY_BITS,
             "stock_keys": stock_keys,
             # Relays alice -> bob started while only the first link has material wait at
-            # relay for the second link's; a long timeout keeps them (and their material).
-            "relay_timeout": "60s",
+            # relay for the second link's: a longer timeout than the default 2 s wastes less
+            # of alice's material. Not much longer: a relay whose confirmation was lost (KMS
+            # messages are dropped while a node link is down, e.g. probes missed on a busy
+            # machine) holds one of the 16 relays in flight until then.
+            "relay_timeout": f"{RELAY_TIMEOUT_S:g}s",
         },
         "apps": [
             {"kind": "qkd", "name": "qkd-alice-relay", "nodes": ["alice", "relay"], "duration": f"{link_cap_s:.0f}s",
              "key_bits": key_bits},
             {"kind": "qkd", "name": "qkd-relay-bob", "nodes": ["relay", "bob"], "start": f"{start2:.0f}s",
              "duration": f"{link_cap_s:.0f}s", "key_bits": key_bits},
+            # A run ends when all its apps are done: this one, due after the quiet period,
+            # keeps it going. The bench stops the run before it starts (it would use keys).
+            {"kind": "tunnel", "name": "sentinel", "nodes": ["alice", "bob"], "saes": ["alice-app", "bob-app"],
+             "start": f"{end_s:.0f}s", "duration": "1s"},
         ],  # fmt: skip
     }
 
@@ -443,7 +474,9 @@ async def _stock(sae: _Sae) -> list[int]:
     return out
 
 
-async def _wait_stock(sae: _Sae, stable_s: float, timeout_s: float) -> tuple[list[int], float]:
+async def _wait_stock(sae: _Sae, need: int, timeout_s: float) -> tuple[list[int], float]:
+    """The stock of both directions once it stopped growing: for 1.5 s if both hold `need`
+    keys, else for relay_timeout + 1.5 s (a relay whose confirmation was lost is retried)."""
     t0 = time.perf_counter()
     last, since = await _stock(sae), time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
@@ -451,7 +484,7 @@ async def _wait_stock(sae: _Sae, stable_s: float, timeout_s: float) -> tuple[lis
         now = await _stock(sae)
         if now != last:
             last, since = now, time.perf_counter()
-        elif time.perf_counter() - since >= stable_s:
+        elif time.perf_counter() - since >= (1.5 if min(last) >= need else RELAY_TIMEOUT_S + 1.5):
             break
     return last, time.perf_counter() - t0
 
@@ -467,7 +500,7 @@ async def _serve_level(sae: _Sae, clients: int, n: int) -> dict[str, Any]:
     pc = time.perf_counter
     conns = [sae.clients() for _ in range(clients)]
 
-    async def one(c: dict[str, EtsiClient], d: int, timed: bool) -> None:
+    async def one(c: dict[str, EtsiClient], d: int) -> None:
         nonlocal mismatches
         mn, ms, sn, ss = DIRECTIONS[d]
         t0 = pc()
@@ -492,15 +525,17 @@ async def _serve_level(sae: _Sae, clients: int, n: int) -> dict[str, Any]:
             return
         if body["keys"][0]["key"] != key["key"]:
             mismatches += 1
-        if timed:
-            lat_enc.append(t1 - t0)
-            lat_dec.append(t2 - t1)
+        lat_enc.append(t1 - t0)
+        lat_dec.append(t2 - t1)
 
     async def worker(i: int) -> None:
         nonlocal remaining, ready
         c = conns[i]
-        await one(c, 0, False)  # opens this client's HTTPS connection to each KME
-        await one(c, 1, False)
+        for mn, _, _, ss in DIRECTIONS:  # opens this client's HTTPS connection to each KME (uses no key)
+            try:
+                await c[mn].status(ss)
+            except EtsiClientError:
+                errors["status"] += 1
         ready += 1
         if ready == clients:
             go.set()
@@ -508,17 +543,18 @@ async def _serve_level(sae: _Sae, clients: int, n: int) -> dict[str, Any]:
         j = i
         while remaining > 0:
             remaining -= 1
-            await one(c, j % 2, True)
+            await one(c, j % 2)
             j += 1
 
-    t_start = 0.0
+    t_start = cpu_start = 0.0
     try:
         async with trio.open_nursery() as nursery:
             for i in range(clients):
                 nursery.start_soon(worker, i)
             await go.wait()
-            t_start = pc()
+            t_start, cpu_start = pc(), time.process_time()
         wall = pc() - t_start
+        cpu = time.process_time() - cpu_start
     finally:
         for c in conns:
             for x in c.values():
@@ -526,16 +562,18 @@ async def _serve_level(sae: _Sae, clients: int, n: int) -> dict[str, Any]:
     served = len(lat_enc)
     return {
         "clients": clients, "keys": n, "served": served, "errors": dict(errors), "mismatches": mismatches,
-        "wall_s": round(wall, 3), "keys_per_s": round(served / wall, 1),
+        "wall_s": round(wall, 3), "keys_per_s": round(served / wall, 1), "client_cpu_s": round(cpu, 3),
         "enc_keys_ms": _ms(lat_enc), "dec_keys_ms": _ms(lat_dec),
         "enc_plus_dec_ms": _ms([a + b for a, b in zip(lat_enc, lat_dec)]),
     }  # fmt: skip
 
 
-async def _client_main(sae: _Sae, levels: Sequence[tuple[int, int]], baseline: dict[int, float]) -> dict[str, Any]:
-    stock, waited_s = await _wait_stock(sae, stable_s=1.5, timeout_s=90.0)
+async def _client_main(
+    sae: _Sae, levels: Sequence[tuple[int, int]], baseline: dict[int, float], need: int
+) -> dict[str, Any]:
+    stock, waited_s = await _wait_stock(sae, need, timeout_s=60.0)
     # Keys each direction can serve from this stock; scale the levels down if it is short.
-    can = min(stock) // STOCK_PER_KEY - sum(c for c, _ in levels) - 4
+    can = min(stock) // STOCK_PER_KEY - 2 * len(levels)
     want = math.ceil(sum(n for _, n in levels) / 2)
     scale = min(1.0, can / want) if want else 1.0
     for clients, n in levels:
@@ -545,7 +583,7 @@ async def _client_main(sae: _Sae, levels: Sequence[tuple[int, int]], baseline: d
         base = baseline.get(clients)
         emit({"bench": "kms_serve", "mode": "processes", "protocol": "ETSI GS QKD 014 over HTTPS (mutual TLS)",
               "key_bits": KEY_BITS, **{k: rec[k] for k in ("clients", "keys", "served", "errors", "mismatches",
-                                                             "wall_s", "keys_per_s")},
+                                                             "wall_s", "keys_per_s", "client_cpu_s")},
               "enc_p50_ms": rec["enc_keys_ms"].get("p50"), "dec_p50_ms": rec["dec_keys_ms"].get("p50"),
               "stock_after": rec["stock_after"],
               "in_memory_over_processes": round(base / rec["keys_per_s"], 1) if base and rec["keys_per_s"] else None,
@@ -557,15 +595,14 @@ async def _client_main(sae: _Sae, levels: Sequence[tuple[int, int]], baseline: d
 
 
 def bench_processes(tmp: Path, levels: Sequence[tuple[int, int]], baseline: dict[int, float]) -> None:
-    per_dir = _keys_needed(levels)
-    stock_keys = per_dir * STOCK_PER_KEY
-    # Each link stream feeds one direction's relays; two streams per link; 25 % margin for
-    # the QKD session's own authentication key and what stays in flight.
-    key_bits = int(stock_keys * RELAY_BYTES * 8 * 2 * 1.25)
-    link_cap_s = math.ceil(key_bits / LINK_BPS_ESTIMATE) + 4
-    record: dict[str, Any] = {"bench": "kms_run", "key_bits_per_link": key_bits, "stock_keys": stock_keys}
+    need = _keys_needed(levels) * STOCK_PER_KEY
+    # Each link stream feeds one direction's relays; two streams per link; 50 % margin for
+    # the relays alice starts while only the first link has material (timed out, withdrawn).
+    key_bits = int(need * RELAY_BYTES * 8 * 2 * 1.5)
+    link_cap_s = math.ceil(key_bits / LINK_BPS_ESTIMATE) + 5
+    record: dict[str, Any] = {"bench": "kms_run", "key_bits_per_link": key_bits, "stock_needed": need}
     t0 = time.perf_counter()
-    run = RealKmsRun(_scenario(key_bits, stock_keys, link_cap_s, quiet_s=300), tmp)
+    run = RealKmsRun(_scenario(key_bits, STOCK_ALL, link_cap_s, quiet_s=300), tmp)
     try:
         manifest = run.wait_manifest(60)
         creds = {node: run.certs(sae, tmp / "sae") for node, sae in (("alice", "alice-app"), ("bob", "bob-app"))}
@@ -574,19 +611,39 @@ def bench_processes(tmp: Path, levels: Sequence[tuple[int, int]], baseline: dict
         done = run.wait_apps(["qkd-alice-relay", "qkd-relay-bob"], timeout_s=2 * link_cap_s + 60)
         record["qkd_phase_wall_s"] = round(time.perf_counter() - t0, 1)
         record["final_key_bits"] = {a: e.get("metrics", {}).get("final_key_bits") for a, e in done.items()}
-        record |= trio.run(_client_main, _Sae(urls, contexts), levels, baseline)
-    except RunFailed as exc:
-        record["error"] = str(exc)
+        record |= trio.run(_client_main, _Sae(urls, contexts), levels, baseline, need)
+    except (RunFailed, EtsiClientError, subprocess.CalledProcessError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         record["exit_code"] = run.stop()
         record["run_wall_s"] = round(time.perf_counter() - t0, 1)
-    res = run.results() or {}
-    metrics = (res.get("kms") or {}).get("metrics") or {}
-    record["run_kms_metrics"] = {k: metrics.get(k) for k in ("keys_delivered", "keys_matched", "key_mismatches",
-                                                             "duplicate_deliveries", "keys_relayed", "relay_failures",
-                                                             "kms_errors")}  # fmt: skip
-    record["run_status"] = res.get("status")
+    record["run_status"] = (run.results() or {}).get("status")
+    record["deliveries"] = _deliveries(run.run_dir)
+    record["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]  # > ~2 on 2 cores: disturbed
     emit(record)
+
+
+def _deliveries(run_dir: Path) -> dict[str, int]:
+    """The KMEs' delivery records (RUN/<node>/kms-deliveries.jsonl: key id, SAE, role,
+    salted fingerprint; nodes/kms/service.py): what the run's key_mismatches and
+    duplicate_deliveries metrics count — a stopped run does not collect them itself."""
+    fps: dict[str, set[str]] = {}
+    seen: Counter[tuple[str, str]] = Counter()
+    masters = 0
+    for path in run_dir.glob("*/kms-deliveries.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            fps.setdefault(row["key_id"], set()).add(row["fp"])
+            seen[(row["key_id"], row["sae"])] += 1
+            masters += row["role"] == "master"
+    return {
+        "keys_delivered": masters,
+        "key_mismatches": sum(len(f) > 1 for f in fps.values()),
+        "duplicate_deliveries": sum(n - 1 for n in seen.values()),
+    }
 
 
 # ====================================================================== main
@@ -596,16 +653,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer keys and samples (noisier numbers)")
     parser.add_argument("--no-processes", action="store_true", help="skip the real `qnetem run` (in-memory parts only)")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="work in DIR (must not exist) and keep it: stores, run directory"
+    )
     args = parser.parse_args()
     if args.quick:
-        levels = ((1, 100), (8, 120), (32, 160))
+        levels = ((1, 40), (8, 48), (32, 64))
         min_loop_s, breakdown_n, samples, batches = 0.05, 20, 40, 4
     else:
-        levels = ((1, 300), (8, 400), (32, 640))
+        levels = ((1, 200), (8, 200), (32, 256))
         min_loop_s, breakdown_n, samples, batches = 0.2, 100, 150, 10
     emit(environment_record() | {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]})
-    with tempfile.TemporaryDirectory(prefix="qnetem-bench-kms-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True)
+            tmp = args.keep
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qnetem-bench-kms-")))
         bench_hybrid(min_loop_s, breakdown_n)
         bench_relay(tmp, samples, batches)
         baseline = bench_core(tmp, levels)
