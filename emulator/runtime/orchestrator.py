@@ -14,8 +14,9 @@ on what they say:
   apps whose `start` offset has come; `observe(...)` digests each polled `app_status`
   into the app's state (pending → running → done | failed) and returns an `AppChanged`
   record on every transition; `finish_reason(now)` says when to stop: every app
-  finished, or `duration` emulated seconds elapsed since the origin (apps not finished
-  then keep state `running`, so expectations on them fail with that reason).
+  finished (not with key management: KMEs serve outside applications until the end),
+  or `duration` emulated seconds elapsed since the origin (apps not finished then keep
+  state `running`, so expectations on them fail with that reason).
 
 Every app kind runs on two nodes: the responder is started first (so it is listening
 when the initiator asks for pairs or opens the QKD session), then the initiator; the
@@ -725,7 +726,9 @@ class Timeline:
         if self.origin_s is None:
             return None
         tracks = self._apps.values()
-        if tracks and all(t.state in (AppState.DONE, AppState.FAILED) for t in tracks):
+        # With key management the KMEs serve outside applications too: the run lasts its
+        # whole duration however early the scenario's own apps finish.
+        if tracks and self.plan.kms is None and all(t.state in (AppState.DONE, AppState.FAILED) for t in tracks):
             return FinishReason.ALL_APPS_FINISHED
         if self.elapsed_s(now_s) >= self.plan.duration_s:
             return FinishReason.DURATION_ELAPSED

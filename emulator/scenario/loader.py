@@ -290,6 +290,9 @@ def _parse_yaml(text: str, filename: str) -> tuple[Node, Any, list[Problem]]:
         fatal = _measure(root, filename)
         if fatal is not None:
             raise ScenarioError([fatal])
+        # Before construction: PyYAML's constructor flattens `<<` merges into the node
+        # tree, after which a key that overrides a merged one would look written twice.
+        duplicates = _duplicate_keys(root, filename)
         data = loader.construct_document(root)
     except yaml.YAMLError as err:
         raise ScenarioError([_yaml_problem(err, text, filename)]) from None
@@ -298,7 +301,7 @@ def _parse_yaml(text: str, filename: str) -> tuple[Node, Any, list[Problem]]:
     finally:
         if loader is not None:
             loader.dispose()
-    return root, data, _duplicate_keys(root, filename)
+    return root, data, duplicates
 
 
 # ---------------------------------------------------------------------------

@@ -832,7 +832,8 @@ class Kms(_Model):
     trusted nodes to KMEs they share no link with, along routes that follow link
     failures. SAEs reach their node's KME over HTTPS with mutual TLS; certificates come
     from a CA made for the run (`qnetem certs RUN_DIR --sae ID` exports one for an
-    outside application).
+    outside application). A run with key management lasts its whole `duration`, so
+    that outside applications can use the KMEs after the scenario's apps finished.
     """
 
     saes: tuple[Sae, ...] = Field(min_length=1, max_length=1024, description="The SAEs and their nodes.")

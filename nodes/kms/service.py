@@ -55,7 +55,7 @@ from .errors import KmsError
 from .etsi014 import Key, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, Status, etsi014_app
 from .https import ServerTls, client_ssl_context, serve_https
 from .kme import AppMessage, Kme, KmeConfig, PairPolicy, PqcFallback, RequestDone, RequestFailed
-from .skip import skip_app
+from .skip import SkipError, skip_app
 from .store import KeyStore
 
 __all__ = ["DELIVERIES_FILE", "KmsConfigError", "KmsService", "kme_config_from"]
@@ -368,18 +368,26 @@ class KmsService:
         }  # fmt: skip
 
     async def new_key(self, caller: str, remote_system_id: str, size_bits: int | None) -> tuple[str, bytes]:
-        slave = self._skip_peer(caller, remote_system_id)
-        container = await self.enc_keys(caller, slave, KeyRequest(number=1, size=size_bits))
+        try:
+            slave = self._skip_peer(caller, remote_system_id)
+            container = await self.enc_keys(caller, slave, KeyRequest(number=1, size=size_bits))
+        except KmsError as exc:  # draft-cisco-skip Table 7: the same 400 / 401 / 503
+            raise SkipError(exc.status, exc.message) from None
         key = container.keys[0]
         return uuid.UUID(key.key_ID).hex, key.key
 
     async def key_by_id(self, caller: str, remote_system_id: str, key_id_hex: str) -> tuple[str, bytes]:
-        master = self._skip_peer(caller, remote_system_id)
         try:
+            master = self._skip_peer(caller, remote_system_id)
             key_id = str(uuid.UUID(hex=key_id_hex))
         except ValueError:
-            raise KmsError(400, "keyId is not a 128-bit hex key id") from None
-        container = await self.dec_keys(caller, master, KeyIds((KeyIdEntry(key_id),)))
+            raise SkipError(400, "keyId is not a 128-bit hex key id") from None
+        except KmsError as exc:
+            raise SkipError(exc.status, exc.message) from None
+        try:
+            container = await self.dec_keys(caller, master, KeyIds((KeyIdEntry(key_id),)))
+        except KmsError as exc:
+            raise SkipError(exc.status, exc.message) from None
         return uuid.UUID(container.keys[0].key_ID).hex, container.keys[0].key
 
     # ------------------------------------------------------------------ calls as an SAE (node apps)

@@ -169,3 +169,16 @@ def test_the_report_has_a_key_management_section(tmp_path: Path) -> None:
     assert ">12<" in section and ">5<" in section  # relays confirmed, ready keys
     empty = write_report(tmp_path, {"run_id": "r", "apps": {}}, {"name": "r", "nodes": {}}).read_text()
     assert "no key management" in empty
+
+
+def test_a_run_with_key_management_lasts_its_whole_duration() -> None:
+    """Outside SAEs use the KMEs after the scenario's own apps finished."""
+    from emulator.runtime.orchestrator import FinishReason, Timeline
+
+    plan = plan_from_scenario(parse_scenario(BASE + KMS + TUNNEL))
+    timeline = Timeline(plan)
+    timeline.begin(0.0)
+    timeline.mark_started("t", 0.0)
+    timeline.observe("t", "initiator", "done", {"bytes_carried": 1}, 6.0)
+    assert timeline.finish_reason(6.0) is None  # every app is done, the KMEs still serve
+    assert timeline.finish_reason(20.0) is FinishReason.DURATION_ELAPSED

@@ -480,6 +480,10 @@ def test_lines_follow_anchors_and_merge_keys() -> None:
     assert (p.line, p.field) == (13, "links[1].entanglement.visibilty") and "did you mean 'visibility'" in p.message
     s = parse_scenario(text.replace("visibilty: 1", "detector_efficiency: 0.5"))
     assert s.links[1].entanglement is not None and s.links[1].entanglement.visibility == 0.9
+    # A key next to a merge overrides the merged one (YAML merge keys); it is no duplicate.
+    s = parse_scenario(text.replace("visibilty: 1", "visibility: 0.8"))
+    assert s.links[1].entanglement is not None and s.links[1].entanglement.visibility == 0.8
+    assert s.links[0].entanglement is not None and s.links[0].entanglement.visibility == 0.9
 
 
 def test_from_dict_reports_paths_without_lines() -> None:
