@@ -453,6 +453,15 @@ class _Message:
         return _enc_field(self.TYPE) + b"".join(_enc_field(getattr(self, name)) for name in self._BODY)
 
 
+def _check_parties(epoch_id: int, initiator: str, responder: str) -> None:
+    """The header every exchange message carries: an epoch and two different KMEs."""
+    _check_epoch(epoch_id)
+    _check_node("initiator", initiator)
+    _check_node("responder", responder)
+    if initiator == responder:
+        raise _malformed("initiator and responder are the same node")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PqcInit(_Message):
     """I -> R: the initiator's ephemeral public values, nonce and certificate."""
@@ -471,11 +480,7 @@ class PqcInit(_Message):
     certificate_pem: bytes = dataclasses.field(repr=False)
 
     def __post_init__(self) -> None:
-        _check_epoch(self.epoch_id)
-        _check_node("initiator", self.initiator)
-        _check_node("responder", self.responder)
-        if self.initiator == self.responder:
-            raise _malformed("initiator and responder are the same node")
+        _check_parties(self.epoch_id, self.initiator, self.responder)
         _check_field_bytes("x25519_public", self.x25519_public, size=X25519_KEY_BYTES)
         _check_field_bytes(
             "mlkem_encapsulation_key", self.mlkem_encapsulation_key, size=MLKEM768_ENCAPSULATION_KEY_BYTES
@@ -503,11 +508,7 @@ class PqcResponse(_Message):
     signature: bytes = dataclasses.field(repr=False)
 
     def __post_init__(self) -> None:
-        _check_epoch(self.epoch_id)
-        _check_node("initiator", self.initiator)
-        _check_node("responder", self.responder)
-        if self.initiator == self.responder:
-            raise _malformed("initiator and responder are the same node")
+        _check_parties(self.epoch_id, self.initiator, self.responder)
         _check_field_bytes("x25519_public", self.x25519_public, size=X25519_KEY_BYTES)
         _check_field_bytes("mlkem_ciphertext", self.mlkem_ciphertext, size=MLKEM768_CIPHERTEXT_BYTES)
         _check_field_bytes("nonce", self.nonce, size=NONCE_BYTES)
@@ -528,9 +529,7 @@ class PqcConfirm(_Message):
     signature: bytes = dataclasses.field(repr=False)
 
     def __post_init__(self) -> None:
-        _check_epoch(self.epoch_id)
-        _check_node("initiator", self.initiator)
-        _check_node("responder", self.responder)
+        _check_parties(self.epoch_id, self.initiator, self.responder)
         _check_field_bytes("signature", self.signature, max_size=_MAX_SIGNATURE_BYTES)
 
 

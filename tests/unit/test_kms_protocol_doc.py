@@ -42,6 +42,8 @@ import nodes.kms.hybrid as hybrid
 import nodes.kms.kme as kme
 from emulator.wire import KmsMsg, decode
 
+from tests.unit import _markdown as md
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "protocol.md"
 KMS_DIR = ROOT / "nodes" / "kms"
@@ -52,49 +54,17 @@ MODULES = {
     "nodes/kms/hybrid.py": hybrid,
 }
 
-_FENCE = re.compile(r"^```(?P<tag>[a-z]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-_HEADING = re.compile(r"^(?P<hashes>#{1,6}) (?P<title>.+)$", re.MULTILINE)
-_OP_HEADING = re.compile(r"^op `(?P<op>[a-z_]+)`$")
+_OPHEADING = re.compile(r"^op `(?P<op>[a-z_]+)`$")
 _NESTED_HEADER = re.compile(r"^`?(?P<name>[\w\[\]-]+)`? field$")
 
 
 # ----------------------------------------------------------------------------- the document
 
 
-def _without_fences(text: str) -> str:
-    return _FENCE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
-
-
-def _headings(text: str) -> list[tuple[int, int, str]]:
-    return [(m.start(), len(m.group("hashes")), m.group("title")) for m in _HEADING.finditer(_without_fences(text))]
-
-
 def _section_at(text: str, index: int, heads: list[tuple[int, int, str]]) -> str:
     start, level, _ = heads[index]
     end = next((s for s, lvl, _ in heads[index + 1 :] if lvl <= level), len(text))
     return text[start:end]
-
-
-def _tables(section: str) -> list[list[list[str]]]:
-    """Markdown tables as rows of stripped cells (separator rows dropped); '\\|' is a literal bar."""
-    tables: list[list[list[str]]] = []
-    current: list[list[str]] = []
-    for line in _without_fences(section).splitlines():
-        line = line.strip()
-        if line.startswith("|"):
-            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    if current:
-        tables.append(current)
-    return tables
-
-
-def _unticked(cell: str) -> str:
-    return cell.replace("`", "").replace("\\|", "|").strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +92,11 @@ def _from_json(obj: dict[str, Any]) -> Any:
 def _field_table(rows: list[list[str]]) -> dict[str, Field]:
     out: dict[str, Field] = {}
     for row in rows[1:]:
-        name = _unticked(row[0])
-        type_cell = _unticked(row[1])
+        name = md.unticked(row[0])
+        type_cell = md.unticked(row[1])
         base = type_cell.split(",")[0].strip()
         assert name not in out, f"field {name!r} listed twice"
-        out[name] = Field(name, base.rstrip("?"), base.endswith("?"), "opt." in type_cell, _unticked(row[2]))
+        out[name] = Field(name, base.rstrip("?"), base.endswith("?"), "opt." in type_cell, md.unticked(row[2]))
     return out
 
 
@@ -144,37 +114,37 @@ class Spec:
 @pytest.fixture(scope="module")
 def spec() -> Spec:
     doc = DOC_PATH.read_text(encoding="utf-8")
-    heads = _headings(doc)
+    heads = md.headings(doc)
     (index,) = [i for i, (_, _, title) in enumerate(heads) if re.match(r"10\.3 ", title)]
     text = _section_at(doc, index, heads)
-    sub = _headings(text)
-    overview = [t for t in _tables(text[: sub[1][0]]) if t[0][:2] == ["`op`", "carried"]]
+    sub = md.headings(text)
+    overview = [t for t in md.tables(text[: sub[1][0]]) if t[0][:2] == ["`op`", "carried"]]
     assert len(overview) == 1, "§10.3 needs one overview table '| `op` | carried | ...'"
-    carried = {_unticked(r[0]): r[1] for r in overview[0][1:]}
+    carried = {md.unticked(r[0]): r[1] for r in overview[0][1:]}
     assert set(carried.values()) <= {"hop", "routed"}, carried
     fields: dict[str, dict[str, Field]] = {}
     nested: dict[str, dict[str, dict[str, Field]]] = {}
     order: dict[str, dict[str, list[str]]] = {}
     for i, (_, _, title) in enumerate(sub):
-        m = _OP_HEADING.match(title)
+        m = _OPHEADING.match(title)
         if not m:
             continue
         op = m.group("op")
         assert op not in fields, f"op {op!r} has two headings"
         main = []
         nested[op], order[op] = {}, {}
-        for table in _tables(_section_at(text, i, sub)):
-            head = _unticked(table[0][0])
+        for table in md.tables(_section_at(text, i, sub)):
+            head = md.unticked(table[0][0])
             if head == "field":
                 main.append(table)
             elif n := _NESTED_HEADER.match(head):
                 nested[op][n.group("name")] = _field_table(table)
-                order[op][n.group("name")] = [_unticked(r[0]) for r in table[1:]]
+                order[op][n.group("name")] = [md.unticked(r[0]) for r in table[1:]]
         assert len(main) == 1, f"op {op!r}: expected one '| field | type | unit | meaning |' table"
         assert main[0][0][:3] == ["field", "type", "unit"], f"op {op!r}: columns {main[0][0]}"
         fields[op] = _field_table(main[0])
     assert set(fields) == set(carried), f"headings {sorted(fields)} vs overview {sorted(carried)}"
-    examples = [json.loads(m.group("body"), object_hook=_from_json) for m in _FENCE.finditer(text)
+    examples = [json.loads(m.group("body"), object_hook=_from_json) for m in md.FENCE.finditer(text)
                 if m.group("tag") == "json"]  # fmt: skip
     assert "```frame" not in text, "§10.3 examples are ```json (```frame means a whole wire frame)"
     return Spec(
@@ -415,11 +385,11 @@ def test_kdf_labels_are_named(spec: Spec) -> None:
 
 
 def test_constants_table_holds_the_codes_values(spec: Spec) -> None:
-    (table,) = [t for t in _tables(spec.text) if t[0][:3] == ["constant", "value", "defined in"]]
+    (table,) = [t for t in md.tables(spec.text) if t[0][:3] == ["constant", "value", "defined in"]]
     assert len(table) > 10
     for row in table[1:]:
-        name, module = _unticked(row[0]), MODULES[_unticked(row[2])]
-        documented = ast.literal_eval(_unticked(row[1]))
+        name, module = md.unticked(row[0]), MODULES[md.unticked(row[2])]
+        documented = ast.literal_eval(md.unticked(row[1]))
         actual = getattr(module, name)
         if isinstance(actual, uuid.UUID):
             actual = str(actual)
@@ -445,15 +415,15 @@ def _config_reads() -> dict[str, tuple[bool, Any]]:
 
 
 def test_configuration_table_is_what_the_service_reads(spec: Spec) -> None:
-    (table,) = [t for t in _tables(spec.text) if t[0][:3] == ["member", "type", "default"]]
-    rows = {_unticked(r[0]): r for r in table[1:]}
+    (table,) = [t for t in md.tables(spec.text) if t[0][:3] == ["member", "type", "default"]]
+    rows = {md.unticked(r[0]): r for r in table[1:]}
     reads = _config_reads()
     assert set(rows) == set(reads), f"doc {sorted(rows)}, service.py {sorted(reads)}"
     for name, (required, default) in reads.items():
         row = rows[name]
         assert ("opt." in row[1]) != required, f"config.{name}: 'opt.' must mark exactly the optional members"
         if default is not None:
-            documented = ast.literal_eval(_unticked(row[2]))
+            documented = ast.literal_eval(md.unticked(row[2]))
             assert documented == default and type(documented) is type(default), f"config.{name} default"
 
 

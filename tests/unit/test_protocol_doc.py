@@ -61,10 +61,10 @@ from emulator.wire import (
     message_types,
 )
 
+from tests.unit import _markdown as md
+
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
-_FENCE = re.compile(r"^```(?P<tag>[a-z]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-_HEADING = re.compile(r"^(?P<hashes>#{1,6}) (?P<title>.+)$", re.MULTILINE)
 _MARKER = re.compile(r"^#\s*type:\s*(?P<type>[a-z_]+)\s*$")
 _SESSION_HEADER = re.compile(r"^(?P<src>[\w-]+) -> (?P<dst>[\w-]+): (?P<type>[a-z_]+)\b")
 
@@ -79,55 +79,23 @@ def doc() -> str:
 
 def _blocks(text: str, tag: str) -> list[tuple[int, str]]:
     """(offset, body) of every fenced block with this info string."""
-    return [(m.start(), m.group("body")) for m in _FENCE.finditer(text) if m.group("tag") == tag]
-
-
-def _without_fences(text: str) -> str:
-    """The text with fenced blocks blanked out (offsets kept), so '#' lines in them are not headings."""
-    return _FENCE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
-
-
-def _headings(text: str) -> list[tuple[int, int, str]]:
-    """(offset, level, title) of every heading outside fenced blocks."""
-    return [(m.start(), len(m.group("hashes")), m.group("title")) for m in _HEADING.finditer(_without_fences(text))]
+    return [(m.start(), m.group("body")) for m in md.FENCE.finditer(text) if m.group("tag") == tag]
 
 
 def _heading_before(text: str, offset: int) -> str:
-    titles = [title for start, _, title in _headings(text) if start < offset]
+    titles = [title for start, _, title in md.headings(text) if start < offset]
     assert titles, f"no heading before offset {offset}"
     return titles[-1]
 
 
 def _section(text: str, title_pattern: str) -> str:
     """Body of the first heading matching the pattern, up to the next heading of the same or higher level."""
-    heads = _headings(text)
+    heads = md.headings(text)
     for i, (start, level, title) in enumerate(heads):
         if re.search(title_pattern, title):
             end = next((s for s, lvl, _ in heads[i + 1 :] if lvl <= level), len(text))
             return text[start:end]
     raise AssertionError(f"no heading matches {title_pattern!r}")
-
-
-def _tables(section: str) -> list[list[list[str]]]:
-    """Markdown tables of a section as rows of stripped cells (separator rows dropped)."""
-    tables: list[list[list[str]]] = []
-    current: list[list[str]] = []
-    for line in _without_fences(section).splitlines():
-        line = line.strip()
-        if line.startswith("|"):
-            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    if current:
-        tables.append(current)
-    return tables
-
-
-def _unticked(cell: str) -> str:
-    return cell.replace("`", "").replace("\\|", "|").strip()
 
 
 def _from_json(obj: dict[str, Any]) -> Any:
@@ -227,13 +195,13 @@ def _struct_types() -> dict[str, type]:
 def _check_field_table(section: str, cls: type, what: str) -> None:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    tables = [t for t in _tables(section) if t and t[0][:2] == ["field", "type"]]
+    tables = [t for t in md.tables(section) if t and t[0][:2] == ["field", "type"]]
     if not fields:
         assert not tables, f"{what} has no fields but its section has a field table"
         assert "no fields" in section.lower(), f"{what}: say 'No fields.' in its section"
         return
     assert len(tables) == 1, f"{what}: expected one '| field | type | ... |' table, found {len(tables)}"
-    rows = {_unticked(r[0]): _unticked(r[1]) for r in tables[0][1:]}
+    rows = {md.unticked(r[0]): md.unticked(r[1]) for r in tables[0][1:]}
     assert set(rows) == set(fields), f"{what}: table lists {sorted(rows)}, code has {sorted(fields)}"
     for name, fld in fields.items():
         cell = rows[name]
@@ -262,8 +230,8 @@ def test_every_struct_has_a_field_table(doc: str) -> None:
 
 def test_error_table_is_the_error_code_enum(doc: str) -> None:
     section = _section(doc, r"^5\. ")
-    (table,) = [t for t in _tables(section) if t and t[0][0] == "code"]
-    codes = [_unticked(r[0]) for r in table[1:]]
+    (table,) = [t for t in md.tables(section) if t and t[0][0] == "code"]
+    codes = [md.unticked(r[0]) for r in table[1:]]
     assert sorted(codes) == sorted(c.value for c in ErrorCode), "§5 must list exactly the ErrorCode values"
     assert len(codes) == len(set(codes))
     for row in table[1:]:
@@ -272,8 +240,8 @@ def test_error_table_is_the_error_code_enum(doc: str) -> None:
 
 def test_gate_table_is_gate_arity(doc: str) -> None:
     section = _section(doc, r"^4\.3 ")
-    (table,) = [t for t in _tables(section) if t and t[0][:3] == ["gate", "qubits", "params"]]
-    documented = {_unticked(r[0]): (int(r[1]), int(r[2])) for r in table[1:]}
+    (table,) = [t for t in md.tables(section) if t and t[0][:3] == ["gate", "qubits", "params"]]
+    documented = {md.unticked(r[0]): (int(r[1]), int(r[2])) for r in table[1:]}
     assert documented == GATE_ARITY
 
 
@@ -294,9 +262,9 @@ def test_gate_matrices_are_the_kernels_matrices(doc: str) -> None:
     from emulator.kernels import GATES, rotation
 
     section = _section(doc, r"^4\.3 ")
-    (table,) = [t for t in _tables(section) if t and t[0][:3] == ["gate", "qubits", "params"]]
+    (table,) = [t for t in md.tables(section) if t and t[0][:3] == ["gate", "qubits", "params"]]
     for row in table[1:]:
-        name, params = _unticked(row[0]), int(row[2])
+        name, params = md.unticked(row[0]), int(row[2])
         if params:  # rotations: the documented closed form at one angle, against the kernels
             axis = name[1]
             assert f"exp(−iθ{axis.upper()}/2)" in row[3], row
@@ -316,8 +284,8 @@ def test_gate_matrices_are_the_kernels_matrices(doc: str) -> None:
 
 def test_limits_table_is_limits_defaults(doc: str) -> None:
     section = _section(doc, r"^3\.\d+ Limits")
-    (table,) = [t for t in _tables(section) if t and t[0][:2] == ["limit", "default"]]
-    documented = {_unticked(r[0]): int(re.match(r"\d+", r[1].replace(" ", "")).group(0)) for r in table[1:]}
+    (table,) = [t for t in md.tables(section) if t and t[0][:2] == ["limit", "default"]]
+    documented = {md.unticked(r[0]): int(re.match(r"\d+", r[1].replace(" ", "")).group(0)) for r in table[1:]}
     assert documented == dataclasses.asdict(Limits())
 
 
