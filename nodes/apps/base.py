@@ -129,9 +129,9 @@ class RoutedSend:
 
 
 class KmsOp(enum.Enum):
-    STATUS = "status"  # ETSI GS QKD 014 §5.1
-    ENC_KEYS = "enc_keys"  # §5.2
-    DEC_KEYS = "dec_keys"  # §5.3
+    STATUS = "status"  # ETSI GS QKD 014 §5.2
+    ENC_KEYS = "enc_keys"  # §5.3
+    DEC_KEYS = "dec_keys"  # §5.4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

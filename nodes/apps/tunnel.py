@@ -11,7 +11,7 @@ the traffic as UDP datagrams between two app sockets (`UdpOpen` / `UdpSend` /
 1. Both open a UDP socket. The receiver announces its address to the sender with
    ``{"op": "addr", "host", "port"}``, again every ``retry_s`` until the first authentic
    datagram arrives.
-2. On the address, the sender asks its KME for a key: ``enc_keys`` (§5.2) with
+2. On the address, the sender asks its KME for a key: ``enc_keys`` (ETSI GS QKD 014 §5.3) with
    ``number=1``, ``size=key_size_bits``, slave ``peer_sae``. From the key container
    (§6.3: ``{"keys": [{"key_ID", "key"}]}``, key in base64) it derives the traffic key
    with HKDF-SHA256 (RFC 5869; salt empty, i.e. HashLen zeros, §2.2) and
@@ -39,7 +39,7 @@ the traffic as UDP datagrams between two app sockets (`UdpOpen` / `UdpSend` /
 4. Rekeying: ``rekey_interval_s`` after a key was installed the sender fetches the next;
    it switches as soon as the key arrives and keeps sealing with the old one meanwhile
    (within the caps above). A fetch unanswered after ``fetch_timeout_s`` counts as failed.
-5. Receiver: a datagram naming an unknown key id starts a ``dec_keys`` (§5.3, master SAE
+5. Receiver: a datagram naming an unknown key id starts a ``dec_keys`` (§5.4, master SAE
    = the sender's) for that id — one outstanding fetch per id, at most ``_MAX_FETCHES``
    ids at once; datagrams for it wait in a bounded buffer. Each key has a sliding replay
    window of 64 (RFC 4303 §3.4.3): a sequence number left of the window or already seen

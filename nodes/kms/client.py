@@ -23,15 +23,15 @@ API has none; following one could send a request elsewhere). Tests pass a `trans
 
 ETSI GS QKD 014 (§5; URLs relative to the KME's base URL)::
 
-    status(slave)                     GET  /api/v1/keys/{slave}/status              §5.1
-    enc_keys(slave, number, size)     GET  /api/v1/keys/{slave}/enc_keys?number=&size=   §5.2
+    status(slave)                     GET  /api/v1/keys/{slave}/status              §5.2
+    enc_keys(slave, number, size)     GET  /api/v1/keys/{slave}/enc_keys?number=&size=   §5.3
         post=True, additional slaves or extensions:
                                       POST /api/v1/keys/{slave}/enc_keys  Key request (§6.2)
-    dec_keys(master, [id])            GET  /api/v1/keys/{master}/dec_keys?key_ID=   §5.3
+    dec_keys(master, [id])            GET  /api/v1/keys/{master}/dec_keys?key_ID=   §5.4
         post=True or several ids:     POST /api/v1/keys/{master}/dec_keys  Key IDs (§6.4)
 
-The GET form of dec_keys carries one key_ID only (§5.3), so several ids always POST; the
-GET form of enc_keys has no member for additional slave SAEs or extensions (§5.2), so
+The GET form of dec_keys carries one key_ID only (§5.4), so several ids always POST; the
+GET form of enc_keys has no member for additional slave SAEs or extensions (§5.3), so
 those always POST too. SAE ids and key ids are percent-encoded in paths.
 
 Cisco SKIP (draft-cisco-skip-02 §4, Table 2)::
@@ -187,7 +187,7 @@ class EtsiClient(_JsonClient):
     ``(status_code, body)``; raises `EtsiClientError` only when no answer came."""
 
     async def status(self, slave_sae: str) -> tuple[int, dict[str, Any]]:
-        """§5.1 Get status of the keys shared with `slave_sae`."""
+        """§5.2 Get status of the keys shared with `slave_sae`."""
         return await self._call("status", "GET", f"{_API}/{_segment(slave_sae)}/status")
 
     async def enc_keys(
@@ -201,7 +201,7 @@ class EtsiClient(_JsonClient):
         extension_mandatory: list[dict[str, Any]] | None = None,
         extension_optional: list[dict[str, Any]] | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """§5.2 Get key: `number` keys of `size_bits` (None: the KME's default) for
+        """§5.3 Get key: `number` keys of `size_bits` (None: the KME's default) for
         `slave_sae` (and `additional_slaves`, §6.2), this SAE being the master."""
         if isinstance(additional_slaves, str):
             raise TypeError("additional_slaves must be an iterable of SAE ids, not a string")
@@ -223,7 +223,7 @@ class EtsiClient(_JsonClient):
     async def dec_keys(
         self, master_sae: str, key_ids: Iterable[str], *, post: bool = False
     ) -> tuple[int, dict[str, Any]]:
-        """§5.3 Get key with key IDs: the keys `key_ids` that `master_sae` obtained for this SAE."""
+        """§5.4 Get key with key IDs: the keys `key_ids` that `master_sae` obtained for this SAE."""
         if isinstance(key_ids, str):
             raise TypeError("key_ids must be an iterable of key ids, not a string")
         ids = list(key_ids)

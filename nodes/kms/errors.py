@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The KME core (``nodes.kms.kme``) answers an SAE's request with either keys or a
 ``KmsError``. The REST layer turns it into the HTTP status and the §6.5 Error JSON
-(``message`` and optional ``details``). ETSI GS QKD 014 V1.1.1 §5.1-§5.3 allow exactly
+(``message`` and optional ``details``). ETSI GS QKD 014 V1.1.1 §5.2-§5.4 allow exactly
 three error statuses: 400 (bad request: the caller's fault), 401 (unauthorised: the
 caller may not have these keys) and 503 (error of the server side: the KME cannot
 serve now, e.g. no key material). Messages and details name SAE ids, key ids, sizes and

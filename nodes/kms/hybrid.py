@@ -880,7 +880,7 @@ class PqcResponder:
             mlkem_ciphertext=ciphertext,
             nonce=os.urandom(NONCE_BYTES),
             certificate_pem=self._identity.certificate_pem,
-            signature=b"\x00",  # placeholder: the signature is not part of what it signs
+            signature=b"\x00",  # set below: the signature covers the transcript, not itself
         )
         h = hashlib.sha256(_DOMAIN)
         h.update(msg._transcript_part())  # noqa: SLF001

@@ -596,7 +596,7 @@ class Kme:
         additional_slaves: tuple[str, ...],
         now: float,
     ) -> None:
-        """ETSI GS QKD 014 §5.2 Get key, by master `caller_sae`; the result is a RequestDone/RequestFailed event."""
+        """ETSI GS QKD 014 §5.3 Get key, by master `caller_sae`; the result is a RequestDone/RequestFailed event."""
         self._claim(req)
         cfg = self._cfg
         try:
@@ -641,7 +641,7 @@ class Kme:
         self._pump(now)
 
     def dec_keys(self, req: int, caller_sae: str, master_sae: str, key_ids: tuple[str, ...], now: float) -> None:
-        """ETSI GS QKD 014 §5.3 Get key with key IDs, by slave `caller_sae`; result as an event."""
+        """ETSI GS QKD 014 §5.4 Get key with key IDs, by slave `caller_sae`; result as an event."""
         self._claim(req)
         try:
             ids = validate_dec(
@@ -660,7 +660,7 @@ class Kme:
         self._pump(now)
 
     def status(self, caller_sae: str, slave_sae: str) -> dict[str, Any]:
-        """ETSI GS QKD 014 §5.1 / §6.1 Status of the key supply from `caller_sae` (master) to `slave_sae`."""
+        """ETSI GS QKD 014 §5.2 / §6.1 Status of the key supply from `caller_sae` (master) to `slave_sae`."""
         cfg = self._cfg
         if cfg.saes.get(caller_sae) != self._node:
             raise unauthorized(f"SAE {caller_sae!r} is not attached to KME {self._node!r}")
