@@ -1551,15 +1551,19 @@ class Kme:
 
     def _on_wrap(self, src: str, msg: Mapping[str, Any], now: float) -> None:
         rid = _str(msg, "rid")
-        master, slaves, here, size_bits = self._slave_side_checks(src, msg)
-        keys = msg.get("keys")
-        if not isinstance(keys, list) or not keys or len(keys) > self._cfg.max_keys_per_request:
-            raise _Malformed("bad wrap")
-        size_b = size_bits // 8
-        wrap_each = -(-(size_b + _relay.MAC_KEY_BYTES) // self._default_bytes)
         st = self._store
         reason: str | None = None
+        spent: list[str] = []  # wrap keys that checked a forgery: dropped after the rollback
+        keys: Any = ()
         try:
+            # Inside the try: a malformed wrap is answered at once (like a malformed assign),
+            # so the master does not wait out its timeout.
+            master, slaves, here, size_bits = self._slave_side_checks(src, msg)
+            keys = msg.get("keys")
+            if not isinstance(keys, list) or not keys or len(keys) > self._cfg.max_keys_per_request:
+                raise _Malformed("bad wrap")
+            size_b = size_bits // 8
+            wrap_each = -(-(size_b + _relay.MAC_KEY_BYTES) // self._default_bytes)
             with st.transaction():
                 for item in keys:
                     if not isinstance(item, Mapping):
@@ -1580,6 +1584,7 @@ class Kme:
                     key = _relay.open_otp(ct, tag, material, aad) if whole else None
                     if key is None:
                         self._n["wraps_rejected"] += 1
+                        spent = list(ids)
                         raise _Refused("wrap MAC does not verify")
                     st.put_key(kid, src, key, owner=src, origin="relay", state=KeyState.READY, now=now)
                     st.set_state(kid, KeyState.ASSIGNED, master_sae=master, slave_saes=slaves, parties=here)
@@ -1594,6 +1599,10 @@ class Kme:
             reason = "unknown key"
         except KeyStoreError as exc:
             reason = f"refused ({type(exc).__name__})"
+        if spent:  # as for an assignment's MAC keys: a one-time key that checked a forgery is not reused
+            with st.transaction():
+                for w in spent:
+                    st.drop_key(w)
         if reason is None:
             self._n["keys_accepted"] += len(keys)
         ack: dict[str, Any] = {"op": "assign_ack", "rid": rid, "ok": reason is None}

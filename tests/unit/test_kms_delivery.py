@@ -213,23 +213,53 @@ def test_garbled_wrap_is_refused_and_the_request_fails_cleanly() -> None:
     net.add_material_all(20_000)
     net.run_until(lambda: net.count("alice", "carol", "alice") >= 4, max_t_s=3)
 
+    wraps: list[str] = []
+
     def garble(src: str, dst: str, body: dict) -> dict:
         msg = body.get("msg") if body.get("op") == "fwd" else None
         if msg and msg.get("op") == "wrap" and dst == "carol":  # once: a second flip would undo it
             item = msg["keys"][0]
             item["ct"] = bytes([item["ct"][0] ^ 1]) + item["ct"][1:]
+            wraps.extend(item["wraps"])
         return body
 
     net.tamper = garble
     msg = failed(net.request_keys("alice", "a", "b", 1, None, ("c",)), 503)
     assert "carol" in msg and "MAC" in msg
     assert net.kme("carol").statistics().wraps_rejected == 1
+    # The one-time keys that checked the forgery end spent at carol (dropped there at once,
+    # and withdrawn by alice's abort anyway): none is left READY for reuse.
+    assert wraps
+    for w in wraps:
+        with pytest.raises(KeyConsumed):
+            net.store("carol").get_key(w)
     net.tamper = None
     net.advance(3.0)
     for node, peer in (("alice", "bob"), ("bob", "alice"), ("alice", "carol"), ("carol", "alice")):
         assert net.count(node, peer, "alice", KeyState.ASSIGNED) == 0
     assert net.count("alice", "bob", "alice") == net.count("bob", "alice", "alice")
     assert net.count("alice", "carol", "alice") == net.count("carol", "alice", "alice")
+
+
+def test_malformed_wrap_is_answered_at_once() -> None:
+    saes = {"a": "alice", "b": "bob", "c": "carol"}
+    net = KmeNetwork([("alice", "bob"), ("bob", "carol")], saes, config={"stock_keys": 4}, seed=3)
+    net.add_material_all(20_000)
+    net.run_until(lambda: net.count("alice", "carol", "alice") >= 4, max_t_s=3)
+
+    def break_wrap(src: str, dst: str, body: dict) -> dict:
+        msg = body.get("msg") if body.get("op") == "fwd" else None
+        if msg and msg.get("op") == "wrap" and dst == "carol":
+            msg["keys"] = "nonsense"
+        return body
+
+    net.tamper = break_wrap
+    t0 = net.now
+    before = net.kme("carol").statistics().messages_malformed
+    msg = failed(net.request_keys("alice", "a", "b", 1, None, ("c",)), 503)
+    assert "malformed" in msg
+    assert net.kme("carol").statistics().messages_malformed == before + 1
+    assert net.now - t0 < net.kme("alice")._cfg.assign_timeout_s  # noqa: SLF001 - not timed out: refused
 
 
 # --- policies ---------------------------------------------------------------------------------------
