@@ -244,6 +244,16 @@ def _utc(now: dt.datetime | None) -> dt.datetime:
     return now.astimezone(dt.timezone.utc)
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """RFC 5280 §4.2.1.3: every certificate signs (TLS, the hybrid exchange); only the CA
+    signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+
+
 class RunCa:
     """The run's certificate authority: an ECDSA P-256 key and its self-signed certificate."""
 
@@ -292,14 +302,7 @@ class RunCa:
             .not_valid_before(start)
             .not_valid_after(start + CA_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )  # fmt: skip
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .sign(key, hashes.SHA256())
@@ -415,14 +418,7 @@ class RunCa:
             .not_valid_before(start)
             .not_valid_after(min(start + LEAF_VALIDITY, ca_end))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )  # fmt: skip
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(eku, critical=False)
             .add_extension(san, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -54,7 +54,7 @@ from .client import EtsiClient, EtsiClientError
 from .errors import KmsError
 from .etsi014 import Key, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, Status, etsi014_app
 from .https import ServerTls, client_ssl_context, serve_https
-from .kme import AppMessage, Kme, KmeConfig, PairPolicy, PqcFallback, RequestDone, RequestFailed
+from .kme import AppMessage, KeysDelivered, Kme, KmeConfig, PairPolicy, PqcFallback, RequestDone, RequestFailed
 from .skip import SkipError, skip_app
 from .store import KeyStore
 
@@ -272,7 +272,9 @@ class KmsService:
             elif isinstance(event, PqcFallback):
                 self.alarms += 1
                 log.warning("KMS alarm: %s", event)
-            else:
+            elif isinstance(event, KeysDelivered):  # one per request: counted in statistics()
+                log.debug("KME %s: %s", self.node, event)
+            else:  # route changes, relay failures: rare, worth a line
                 log.info("KME %s: %s", self.node, event)
         self._poke()
 

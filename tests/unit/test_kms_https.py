@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nodes.kms.errors import KmsError
 from nodes.kms.etsi014 import KeyContainer, KeyIds, KeyRequest, Status, etsi014_app
 from nodes.kms.https import ServerTls, client_ssl_context, serve_https, server_ssl_context, tls_identity
 
@@ -125,10 +126,10 @@ class EchoService:
         return Status("alice", "bob", caller_sae, slave_sae, 256, 0, 0, 1, 256, 256, 0)
 
     async def enc_keys(self, caller_sae: str, slave_sae: str, request: KeyRequest) -> KeyContainer:
-        raise NotImplementedError
+        raise KmsError(503, "this test service holds no keys")
 
     async def dec_keys(self, caller_sae: str, master_sae: str, key_ids: KeyIds) -> KeyContainer:
-        raise NotImplementedError
+        raise KmsError(503, "this test service holds no keys")
 
 
 def server_tls(pki: Pki) -> ServerTls:
